@@ -1,0 +1,35 @@
+# The README's two commands: `make serve` and `make test`. Both set up everything from
+# nothing: the virtualenv, the package, OpenBLAS on Linux, and the two real models.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+MODELS := models/.fetched
+
+.PHONY: serve test lint experiments setup clean-models
+
+serve: setup
+	$(VENV)/bin/semantic-server serve
+
+test: setup
+	$(VENV)/bin/ruff check src tests scripts experiments
+	$(VENV)/bin/pytest
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check src tests scripts experiments
+
+setup: $(INSTALLED) $(MODELS)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	./scripts/install_openblas
+	touch $@
+
+$(MODELS): $(INSTALLED) scripts/fetch_models src/semantic_server/models/gguf_import.py src/semantic_server/models/gguf_blocks.py
+	$(PY) scripts/fetch_models
+	touch $@
+
+clean-models:
+	rm -rf models .cache/models

@@ -1,0 +1,47 @@
+"""The block decoders reproduce gguf's own dequantization exactly, on real tensors."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGUFReader, quants
+
+from semantic_server.models.gguf_blocks import decode_exact, is_exact, pack, requantize
+from tests.conftest import GEMMA, SMOLLM2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_matches_mlx_layout(bits):
+    q = np.random.default_rng(bits).integers(0, 2**bits, (4, 64)).astype(np.uint8)
+    ones, zeros = mx.ones((4, 2)), mx.zeros((4, 2))
+    unpacked = mx.dequantize(mx.array(pack(q, bits)), ones, zeros, group_size=32, bits=bits)
+    assert np.array_equal(np.array(unpacked).astype(np.uint8), q)
+
+
+def _first_tensor_of_each_type(path):
+    seen = {}
+    for tensor in GGUFReader(path).tensors:
+        if tensor.tensor_type.name not in ("F32", "F16") and tensor.tensor_type not in seen:
+            seen[tensor.tensor_type] = tensor
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("model_id", [SMOLLM2, GEMMA])
+def test_decoders_match_gguf_dequantize(model_id, gguf_path):
+    tensors = _first_tensor_of_each_type(gguf_path(model_id))
+    assert tensors, "expected quantized tensors"
+    for tensor in tensors:
+        rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+        reference = quants.dequantize(tensor.data, tensor.tensor_type).reshape(rows, cols)
+        exact = is_exact(tensor.tensor_type)
+        affine = (decode_exact if exact else requantize)(tensor.data, tensor.tensor_type, rows,
+                                                         cols)
+        got = np.array(mx.dequantize(mx.array(affine.weight), mx.array(affine.scales),
+                                     mx.array(affine.biases), group_size=32, bits=affine.bits))
+        error = float(np.abs(got - reference).max())
+        print(f"{tensor.name} {tensor.tensor_type.name} -> {affine.bits} bits, max error {error}")
+        if exact:
+            assert error == 0.0
+        else:  # 8-bit requantization: half a step of the group's range at most
+            assert error <= float(np.ptp(reference)) / 255
