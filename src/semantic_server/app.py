@@ -1,9 +1,119 @@
-"""The HTTP application (in progress: the serving issue builds it)."""
+"""The Starlette application; its lifespan wires catalog, registry, engine, caches and gate.
+
+Every part is built here and handed to the next, so a test can build the same server with
+any settings, and nothing else in the package holds global state.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import psutil
+import uvicorn
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from semantic_server.api import openai_routes, ops_routes
+from semantic_server.api.errors import error_response, handle_any
+from semantic_server.blas import blas_status
+from semantic_server.cache.agent_store import AgentCacheStore
+from semantic_server.cache.block_pool import BlockPool
 from semantic_server.config import Settings
+from semantic_server.engine.batch_engine import BatchEngine
+from semantic_server.engine.gate import AdmissionGate
+from semantic_server.engine.service import GenerationService
+from semantic_server.errors import SemanticServerError
+from semantic_server.models.catalog import ModelCatalog
+from semantic_server.models.registry import LoadedModel, ModelRegistry
+
+log = logging.getLogger("semantic_server")
+
+
+@dataclass
+class ServerContext:
+    """The parts of one running server, as the routes see them."""
+
+    settings: Settings
+    catalog: ModelCatalog
+    registry: ModelRegistry
+    engine: BatchEngine
+    store: AgentCacheStore
+    gate: AdmissionGate
+    service: GenerationService
+
+
+def kv_budget(settings: Settings) -> int:
+    """The configured KV budget, or a quarter of the memory free at startup."""
+    return settings.kv_budget_bytes or psutil.virtual_memory().available // 4
+
+
+async def start_server(settings: Settings) -> ServerContext:
+    """Load the startup model on the engine thread and assemble the server around it."""
+    catalog = ModelCatalog(settings.models_dir, settings.extra_models)
+    registry = ModelRegistry(catalog, settings.compute_dtype)
+    pool = BlockPool(kv_budget(settings), settings.block_tokens)
+    store = AgentCacheStore(pool)
+    engine = BatchEngine(store, max_batch=settings.max_batch,
+                         prefill_step_size=settings.prefill_step_size,
+                         shared_prefix_entries=settings.shared_prefix_entries)
+    engine.start()
+    log.info("BLAS: %s", blas_status().detail)
+
+    def load_and_attach() -> LoadedModel:
+        loaded = registry.load(settings.model)
+        pool.reconfigure(loaded.dims)
+        engine.attach(loaded)
+        return loaded
+
+    try:
+        loaded = await asyncio.wrap_future(engine.call(load_and_attach))
+    except BaseException:
+        engine.shutdown()
+        raise
+    log.info("serving %s (load %.2f s; KV budget %d MiB = %d blocks of %d tokens)",
+             loaded.model_id, loaded.stats.seconds, pool.budget_bytes // 2**20, pool.capacity,
+             pool.block_tokens)
+    gate = AdmissionGate(settings.swap_hold_seconds)
+    service = GenerationService(engine, gate, settings.max_context_tokens)
+    return ServerContext(settings, catalog, registry, engine, store, gate, service)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error",
+                          "not_found" if exc.status_code == 404 else "http_error")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.server = await start_server(settings)
+        try:
+            yield
+        finally:
+            app.state.server.engine.shutdown()
+
+    return Starlette(
+        routes=[*openai_routes.routes, *ops_routes.routes],
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: _http_error,
+            ValidationError: handle_any,
+            SemanticServerError: handle_any,
+            Exception: handle_any,
+        },
+    )
 
 
 def run(settings: Settings) -> None:
-    raise SystemExit("semantic-server: the HTTP server is not built yet")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

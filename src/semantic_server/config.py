@@ -43,3 +43,22 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 2**20, gt=0, description="Largest request body accepted.")
+    max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask.")
+    default_max_tokens: int = Field(512, gt=0, description="max_tokens when a request omits it.")
+    max_context_tokens: int = Field(
+        8192, gt=0, description="Prompt plus completion limit (also capped by the model's own).")
+
+    # Engine and caches
+    max_batch: int = Field(16, gt=0, description="Most sequences decoded together.")
+    prefill_step_size: int = Field(
+        512, gt=0, description="Prompt tokens per prefill step; smaller keeps decoding smoother.")
+    kv_budget_bytes: int | None = Field(
+        None, gt=0, description="Memory for hot agent caches; default a quarter of free RAM.")
+    block_tokens: int = Field(256, gt=0, description="Tokens per KV block of the BlockPool.")
+    shared_prefix_entries: int = Field(
+        8, ge=0, description="Prefix caches kept for anonymous requests.")
+
+    # Swaps
+    swap_hold_seconds: float = Field(
+        120.0, gt=0, description="How long a request waits for a swap before a 503.")

@@ -25,3 +25,41 @@ class ModelLoadError(SemanticServerError):
 
 class ModelInvalid(SemanticServerError):
     """A model's files are present but unusable (bad config, wrong shapes)."""
+
+
+class InvalidRequest(SemanticServerError):
+    """The request is malformed or asks for something not allowed; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextLengthExceeded(InvalidRequest):
+    def __init__(self, message: str):
+        super().__init__(message, param="messages", code="context_length_exceeded")
+
+
+class PayloadTooLarge(SemanticServerError):
+    """The request body is larger than ``max_body_bytes``."""
+
+
+class ModelNotLoaded(SemanticServerError):
+    """The request names an available model that is not the loaded one."""
+
+
+class ServerBusy(SemanticServerError):
+    """A swap held the request longer than the hold limit; retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServiceDegraded(SemanticServerError):
+    """A swap failed and so did its rollback: no model serves until a swap succeeds."""
+
+
+class GenerationFailed(SemanticServerError):
+    """The engine could not run the request (an internal fault, reported without details)."""

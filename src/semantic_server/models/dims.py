@@ -8,13 +8,13 @@ keeps only its last ``window`` tokens, a global layer keeps them all.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-class LayerKind(str, Enum):
+class LayerKind(StrEnum):
     """How one layer's KV cache grows."""
 
     GLOBAL = "global"
@@ -45,6 +45,11 @@ class ModelDims:
     def bytes_per_token(self) -> int:
         """Keys plus values of one token over every layer (sliding layers included)."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype_bytes
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes a cache of ``tokens`` tokens holds: sliding layers stop at their window."""
+        per_layer_token = 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes
+        return per_layer_token * sum(min(tokens, layer.window or tokens) for layer in self.layers)
 
     @property
     def sliding_layers(self) -> list[int]:

@@ -11,10 +11,10 @@ import leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import time
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path

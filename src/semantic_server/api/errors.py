@@ -1,0 +1,63 @@
+"""Errors to HTTP: one table from error type to status, and OpenAI-style error bodies.
+
+No other module picks a status code, and no traceback ever reaches a client: anything not
+in the table is logged here and answered as a plain 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from semantic_server import errors as e
+
+log = logging.getLogger(__name__)
+
+# error type -> (HTTP status, OpenAI error type, default code)
+STATUS: dict[type[Exception], tuple[int, str, str]] = {
+    e.InvalidRequest: (400, "invalid_request_error", "invalid_request"),
+    e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    e.ModelNotLoaded: (409, "invalid_request_error", "model_not_loaded"),
+    e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
+    e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
+    e.ServerBusy: (503, "server_error", "swap_in_progress"),
+    e.ServiceDegraded: (503, "server_error", "degraded"),
+    e.GenerationFailed: (500, "server_error", "generation_failed"),
+}
+
+
+def error_response(status: int, message: str, kind: str, code: str,
+                   param: str | None = None, headers: dict[str, str] | None = None,
+                   ) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def from_exception(exc: Exception) -> JSONResponse:
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            status, error_type, code = STATUS[kind]
+            param = getattr(exc, "param", None)
+            code = getattr(exc, "code", code)
+            headers = ({"Retry-After": str(exc.retry_after)}
+                       if isinstance(exc, e.ServerBusy) else None)
+            return error_response(status, str(exc), error_type, code, param, headers)
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error", "server_error", "internal_error")
+
+
+def from_validation(exc: ValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return error_response(400, message, "invalid_request_error", "invalid_request", param)
+
+
+async def handle_any(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette exception handler: every error leaves as OpenAI-style JSON."""
+    if isinstance(exc, ValidationError):
+        return from_validation(exc)
+    return from_exception(exc)

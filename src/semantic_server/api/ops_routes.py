@@ -1,0 +1,30 @@
+"""Operational routes: ``GET /health``."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from semantic_server.blas import blas_status
+from semantic_server.engine.gate import ServerState
+
+
+async def health(request: Request) -> JSONResponse:
+    server = request.app.state.server
+    gate = server.gate
+    loaded = server.engine.loaded
+    body = {
+        "status": gate.state.value,
+        "model": loaded.model_id if loaded else None,
+        "in_flight": gate.in_flight,
+        "held": gate.held,
+        "active_sequences": server.engine.active_jobs,
+        "blas": blas_status().name,
+    }
+    if gate.state is ServerState.DEGRADED:
+        body["reason"] = gate.degraded_reason
+    return JSONResponse(body, status_code=503 if gate.state is ServerState.DEGRADED else 200)
+
+
+routes = [Route("/health", health, methods=["GET"])]

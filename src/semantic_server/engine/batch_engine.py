@@ -1,0 +1,283 @@
+"""BatchEngine: the one thread that runs MLX.
+
+Every MLX call of the server happens here: prefill and decode through mlx-lm's
+``BatchGenerator`` (continuous batching: requests join and leave between steps), and,
+through :meth:`BatchEngine.call`, the swap's load and unload. The asyncio side talks to it
+only through a thread-safe command queue, and hears back through each job's ``emit``
+callback, which the HTTP layer wires to ``loop.call_soon_threadsafe``.
+
+A job's prompt is matched against its agent's cache (the longest common prefix is kept,
+trimmed where the cache allows, else the cache is dropped), so a turn prefills only the
+tokens the agent's cache does not already hold. When a job ends its grown cache goes back
+to the AgentCacheStore; anonymous jobs share mlx-lm's LRU prefix cache instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_top_p
+
+from semantic_server.cache.agent_store import AgentCache, AgentCacheStore
+from semantic_server.models.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job is in the batch; ``cached_tokens`` of its prompt came from a cache."""
+
+    model_id: str
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    token: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop", "length" or "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Started | TokenOut | Finished | Failed
+
+
+@dataclass
+class Job:
+    request_id: str
+    agent_id: str | None  # None: anonymous, served from the shared prefix cache
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[Event], None]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array] | None:
+    """A per-job sampler with its own random key, so a seed reproduces its text whatever
+    else shares the batch. None means greedy (the generator's shared default)."""
+    if params.temperature <= 0:
+        return None
+    key = mx.random.key(params.seed if params.seed is not None else time.time_ns() % 2**63)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if 0 < params.top_p < 1:
+            logprobs = apply_top_p(logprobs, params.top_p)
+        return mx.random.categorical(logprobs * (1 / params.temperature), key=sub)
+
+    return sample
+
+
+class BatchEngine:
+    """Owns the loaded model's BatchGenerator and every KV array, on its own thread."""
+
+    def __init__(self, store: AgentCacheStore, *, max_batch: int = 16,
+                 prefill_step_size: int = 512, shared_prefix_entries: int = 8):
+        self.store = store
+        self.max_batch = max_batch
+        self.prefill_step_size = prefill_step_size
+        self._shared = LRUPromptCache(max_size=shared_prefix_entries)
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+        self._loaded: LoadedModel | None = None
+        self._generator: BatchGenerator | None = None
+        self._jobs: dict[int, Job] = {}  # generator uid -> job
+        self._uids: dict[str, int] = {}  # request id -> generator uid
+        self._paused = False
+        self._stopping = False
+
+    # ---- thread-safe API -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between two steps; its result comes in the future."""
+        future: Future = Future()
+
+        def command() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, not swallowed
+                    future.set_exception(exc)
+
+        self._commands.put(command)
+        return future
+
+    def submit(self, job: Job) -> None:
+        self._commands.put(lambda: self._admit(job))
+
+    def cancel(self, request_id: str) -> None:
+        """Remove a job from the batch at once (its client went away or hit a stop string)."""
+        self._commands.put(lambda: self._cancel(request_id))
+
+    def pause(self) -> Future:
+        return self.call(lambda: setattr(self, "_paused", True))
+
+    def resume(self) -> Future:
+        return self.call(lambda: setattr(self, "_paused", False))
+
+    def shutdown(self) -> None:
+        """Stop the thread after failing whatever is still running."""
+        self._commands.put(self._stop)
+        self._thread.join()
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    # ---- engine thread ---------------------------------------------------------------
+    def attach(self, loaded: LoadedModel) -> None:
+        """Serve ``loaded``: a new BatchGenerator over it (engine thread only)."""
+        tokenizer = loaded.tokenizer
+        self._loaded = loaded
+        self._generator = BatchGenerator(
+            loaded.model,
+            stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(8, self.max_batch),
+            prefill_step_size=self.prefill_step_size,
+        )
+
+    def detach(self) -> None:
+        """Drop the BatchGenerator and every reference to the model (engine thread only)."""
+        if self._jobs:
+            raise RuntimeError(f"{len(self._jobs)} jobs still running")
+        if self._generator is not None:
+            self._generator.close()
+        self._generator = None
+        self._loaded = None
+        self._shared = LRUPromptCache(max_size=self._shared.max_size)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            busy = bool(self._jobs) and not self._paused
+            try:
+                command = self._commands.get(block=not busy)
+                command()
+                while True:  # drain what else arrived before stepping again
+                    self._commands.get_nowait()()
+            except queue.Empty:
+                pass
+            if self._jobs and not self._paused and not self._stopping:
+                self._step()
+
+    def _stop(self) -> None:
+        for job in list(self._jobs.values()):
+            job.emit(Failed(RuntimeError("the server is shutting down")))
+        self._jobs.clear()
+        self._stopping = True
+
+    def _take_cache(self, job: Job) -> tuple[list[Any] | None, int]:
+        """The job's cache trimmed to its longest common prefix with the prompt."""
+        if job.agent_id is None:
+            cache, rest = self._shared.fetch_nearest_cache(self._loaded.model_id, job.prompt)
+            cached_tokens = job.prompt[: len(job.prompt) - len(rest)]
+            entry = AgentCache("", cache, cached_tokens) if cache is not None else None
+        else:
+            entry = self.store.checkout(job.agent_id)
+        if entry is None:
+            return None, 0
+        keep = min(common_prefix(entry.tokens, job.prompt), len(job.prompt) - 1)
+        surplus = len(entry.tokens) - keep
+        if keep == 0 or (surplus and not can_trim_prompt_cache(entry.layers)):
+            return None, 0
+        if surplus:
+            trim_prompt_cache(entry.layers, surplus)
+        return entry.layers, keep
+
+    def _admit(self, job: Job) -> None:
+        if self._generator is None or self._loaded is None:
+            job.emit(Failed(RuntimeError("no model is loaded")))
+            return
+        try:
+            cache, cached = self._take_cache(job)
+            (uid,) = self._generator.insert(
+                [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
+                all_tokens=[job.prompt[:cached]], samplers=[_make_sampler(job.sampling)])
+        except Exception as exc:  # a bad job must not take the engine down
+            log.exception("could not admit request %s", job.request_id)
+            job.emit(Failed(exc))
+            return
+        self._jobs[uid] = job
+        self._uids[job.request_id] = uid
+        job.emit(Started(self._loaded.model_id, cached))
+
+    def _cancel(self, request_id: str) -> None:
+        uid = self._uids.get(request_id)
+        if uid is None or self._generator is None:
+            return
+        for cache, tokens in self._generator.remove([uid], return_prompt_caches=True).values():
+            self._checkin(self._jobs[uid], cache, tokens)
+        self._finish(uid, Finished("cancelled"))
+
+    def _finish(self, uid: int, event: Event) -> None:
+        job = self._jobs.pop(uid)
+        self._uids.pop(job.request_id, None)
+        job.emit(event)
+
+    def _checkin(self, job: Job, cache: list[Any], tokens: list[int]) -> None:
+        tokens = list(tokens)
+        if job.agent_id is None:
+            self._shared.insert_cache(self._loaded.model_id, tokens, cache)
+        else:
+            self.store.checkin(AgentCache(job.agent_id, cache, tokens))
+
+    def _step(self) -> None:
+        try:
+            _, responses = self._generator.next()
+        except Exception as exc:
+            log.exception("generation step failed; failing the batch")
+            for uid in list(self._jobs):
+                self._finish(uid, Failed(exc))
+            self.attach(self._loaded)
+            return
+        for response in responses:
+            job = self._jobs.get(response.uid)
+            if job is None:
+                continue
+            if response.finish_reason is None:
+                job.emit(TokenOut(response.token))
+                continue
+            if response.finish_reason == "length":
+                job.emit(TokenOut(response.token))  # a stop token is not part of the text
+            self._checkin(job, response.prompt_cache, response.all_tokens)
+            self._finish(response.uid, Finished(response.finish_reason))
