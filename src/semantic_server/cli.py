@@ -43,8 +43,8 @@ def _models_import(args: argparse.Namespace, settings: Settings) -> None:
                          overwrite=args.overwrite)
     print(f"imported {args.gguf} -> {result.path} in {result.seconds:.1f} s "
           f"({result.bytes_on_disk / 1e6:.0f} MB)")
-    for note in result.requantized:
-        print(f"  requantized: {note}")
+    for note in result.as_float16:
+        print(f"  stored as float16: {note}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K all describe each run of 32 w
 affine quantization with group size 32. Decoding the blocks into ``(q, scales, biases)``
 and repacking ``q`` keeps the model the size it was and its values exact. Scales and biases
 are kept in float32: a K-quant's ``d * sub_scale`` needs up to 17 mantissa bits, more than
-float16 holds. Q6_K (16-weight sub-blocks) and every other type have no exact MLX form;
-:func:`requantize` stores those at 8 bits from the dequantized values.
+float16 holds. Q6_K (16-weight sub-blocks) and every other type have no exact MLX
+form; the importer
+stores those as float16.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 
 GROUP_SIZE = 32
 
@@ -28,7 +28,6 @@ class AffineTensor:
     scales: np.ndarray
     biases: np.ndarray
     bits: int
-    exact: bool
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -152,15 +151,4 @@ def decode_exact(raw: np.ndarray, qtype: Q, rows: int, cols: int) -> AffineTenso
         scales=np.ascontiguousarray(scales.reshape(rows, groups), dtype=np.float32),
         biases=np.ascontiguousarray(biases.reshape(rows, groups), dtype=np.float32),
         bits=bits,
-        exact=True,
     )
-
-
-def requantize(raw: np.ndarray, qtype: Q, rows: int, cols: int, bits: int = 8) -> AffineTensor:
-    """Dequantize with the ``gguf`` package, then quantize to ``bits`` with min/max per group."""
-    dense = quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
-    groups = dense.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
-    low, high = groups.min(axis=-1), groups.max(axis=-1)
-    scale = np.where(high > low, (high - low) / (2**bits - 1), 1.0).astype(np.float32)
-    q = np.clip(np.rint((groups - low[..., None]) / scale[..., None]), 0, 2**bits - 1)
-    return AffineTensor(pack(q.reshape(rows, cols).astype(np.uint8), bits), scale, low, bits, False)

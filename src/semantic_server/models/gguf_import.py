@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, quants
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from semantic_server.errors import GGUFImportError
-from semantic_server.models.gguf_blocks import GROUP_SIZE, decode_exact, is_exact, requantize
+from semantic_server.models.gguf_blocks import GROUP_SIZE, decode_exact, is_exact
 
-IMPORTER_VERSION = 1
+IMPORTER_VERSION = 2
 MANIFEST = "import.json"
 _DENSE = {
     GGMLQuantizationType.F32: np.float32,
@@ -129,7 +129,7 @@ class ImportResult:
     path: Path
     seconds: float
     bytes_on_disk: int
-    requantized: list[str]
+    as_float16: list[str]
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
@@ -169,45 +169,51 @@ def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _dense(raw: np.ndarray, qtype: GGMLQuantizationType, shape: list[int]) -> np.ndarray:
+    """A tensor MLX cannot hold quantized as it is: float types as they are, other
+    quantizations (Q6_K's 16-weight sub-blocks, ...) dequantized to float16."""
+    if qtype in _DENSE:
+        return raw.reshape(shape)
+    if qtype == GGMLQuantizationType.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return quants.dequantize(raw, qtype).reshape(shape).astype(np.float16)
+
+
 def _convert_tensors(reader: GGUFReader, arch: Architecture, config: dict[str, Any],
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
     """Every GGUF tensor as MLX arrays, plus the per-layer quantization map."""
     weights: dict[str, np.ndarray] = {}
     quant: dict[str, Any] = {}
-    requantized: list[str] = []
+    as_float16: list[str] = []
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for tensor in tqdm(reader.tensors, desc="converting", unit="tensor", leave=False):
         name = _mlx_name(tensor.name, arch)
         kind = tensor.name.split(".")[-2]
         shape = [int(d) for d in reversed(tensor.shape)]
         qtype = tensor.tensor_type
-        if qtype in _DENSE or qtype == GGMLQuantizationType.BF16:
-            dense = np.asarray(tensor.data).reshape(shape)
-            if qtype == GGMLQuantizationType.BF16:
-                dense = (dense.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-            if arch.norms_stored_plus_one and kind.endswith("norm"):
-                dense = dense.astype(np.float32) - 1.0
-            if arch.unpermute_qk and kind in heads:
-                dense = _unpermute_rows(dense, heads[kind])
-            weights[name] = np.ascontiguousarray(dense)
-            continue
-        if len(shape) != 2 or shape[1] % GROUP_SIZE:
-            raise GGUFImportError(f"tensor {tensor.name}: quantized shape {shape} not supported")
-        rows, cols = shape
         raw = np.asarray(tensor.data)
         if is_exact(qtype):
-            affine = decode_exact(raw, qtype, rows, cols)
-        else:
-            affine = requantize(raw, qtype, rows, cols)
-            requantized.append(f"{tensor.name} ({qtype.name} -> 8-bit)")
-        parts = {"weight": affine.weight, "scales": affine.scales, "biases": affine.biases}
+            if len(shape) != 2:
+                raise GGUFImportError(f"tensor {tensor.name}: quantized shape {shape} "
+                                      "not supported")
+            affine = decode_exact(raw, qtype, *shape)
+            parts = {"weight": affine.weight, "scales": affine.scales, "biases": affine.biases}
+            if arch.unpermute_qk and kind in heads:
+                parts = {k: _unpermute_rows(v, heads[kind]) for k, v in parts.items()}
+            module = name.removesuffix(".weight")
+            for key, value in parts.items():
+                weights[f"{module}.{key}"] = np.ascontiguousarray(value)
+            quant[module] = {"group_size": GROUP_SIZE, "bits": affine.bits, "mode": "affine"}
+            continue
+        dense = _dense(raw, qtype, shape)
+        if qtype not in _DENSE:
+            as_float16.append(f"{tensor.name} ({qtype.name} -> float16)")
+        if arch.norms_stored_plus_one and kind.endswith("norm"):
+            dense = dense.astype(np.float32) - 1.0
         if arch.unpermute_qk and kind in heads:
-            parts = {k: _unpermute_rows(v, heads[kind]) for k, v in parts.items()}
-        module = name.removesuffix(".weight")
-        for key, value in parts.items():
-            weights[f"{module}.{key}"] = np.ascontiguousarray(value)
-        quant[module] = {"group_size": GROUP_SIZE, "bits": affine.bits, "mode": "affine"}
-    return weights, quant, requantized
+            dense = _unpermute_rows(dense, heads[kind])
+        weights[name] = np.ascontiguousarray(dense)
+    return weights, quant, as_float16
 
 
 def _tokenizer_files(reader: GGUFReader, gguf_arch: str, chat_template: str | None,
@@ -295,7 +301,7 @@ def import_gguf(gguf_path: Path, dest: Path, chat_template: Path | None = None,
         return value
 
     config = {"model_type": arch.model_type, **arch.build_config(get)}
-    weights, quant, requantized = _convert_tensors(reader, arch, config)
+    weights, quant, as_float16 = _convert_tensors(reader, arch, config)
     vocab = weights["model.embed_tokens.weight"].shape[0]
     tokenizer_json, tokenizer_config = _tokenizer_files(reader, gguf_arch, template)
     config.update(
@@ -311,7 +317,7 @@ def import_gguf(gguf_path: Path, dest: Path, chat_template: Path | None = None,
         "source_bytes": gguf_path.stat().st_size,
         "source_sha256": _sha256(gguf_path),
         "gguf_architecture": gguf_arch,
-        "requantized": requantized,
+        "as_float16": as_float16,
     }
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -330,4 +336,4 @@ def import_gguf(gguf_path: Path, dest: Path, chat_template: Path | None = None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in dest.iterdir())
-    return ImportResult(dest, time.perf_counter() - started, size, requantized)
+    return ImportResult(dest, time.perf_counter() - started, size, as_float16)

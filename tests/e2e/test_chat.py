@@ -1,0 +1,239 @@
+"""The OpenAI chat API end to end: a real server process and the official client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+
+GREEDY = {"temperature": 0}
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_multi_turn_agent_reuses_its_cache(smol_server):
+    client = smol_server.client("agent-multi-turn")
+    first = client.chat.completions.create(
+        model=smol_server.model, messages=FRANCE, max_tokens=20, **GREEDY
+    )
+    history = [
+        *FRANCE,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And what is the capital of Germany?"},
+    ]
+    second = client.chat.completions.create(
+        model=smol_server.model, messages=history, max_tokens=20, **GREEDY
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    turn1 = first.usage.prompt_tokens + first.usage.completion_tokens
+    print("turn 1 tokens", turn1, "turn 2 cached", cached, "of", second.usage.prompt_tokens)
+    assert cached >= turn1 - 4
+    assert cached < second.usage.prompt_tokens
+
+    fresh = smol_server.client("agent-never-seen").chat.completions.create(
+        model=smol_server.model, messages=history, max_tokens=20, **GREEDY
+    )
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == second.choices[0].message.content
+    assert second.model == smol_server.model
+
+
+def test_stream_joins_to_the_same_text(smol_server):
+    client = smol_server.client()
+    whole = client.chat.completions.create(
+        model=smol_server.model, messages=FRANCE, max_tokens=24, **GREEDY
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=smol_server.model,
+            messages=FRANCE,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == [whole.choices[0].finish_reason]
+
+    with httpx.stream(
+        "POST",
+        f"{smol_server.url}/v1/chat/completions",
+        timeout=120,
+        json={"messages": FRANCE, "max_tokens": 8, "stream": True},
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "chat.completion.chunk" for line in lines[:-1])
+
+
+def test_stop_strings_and_length(smol_server):
+    client = smol_server.client()
+    full = client.chat.completions.create(
+        model=smol_server.model, messages=FRANCE, max_tokens=20, **GREEDY
+    )
+    text = full.choices[0].message.content
+    assert "Paris" in text
+    cut = client.chat.completions.create(
+        model=smol_server.model, messages=FRANCE, max_tokens=20, stop=[" Paris"], **GREEDY
+    )
+    assert cut.choices[0].message.content == text[: text.index(" Paris")]
+    assert cut.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(
+        model=smol_server.model, messages=FRANCE, max_tokens=3, **GREEDY
+    )
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 3
+
+
+def test_same_seed_same_text(smol_server):
+    client = smol_server.client()
+    story = [{"role": "user", "content": "Write one sentence about a cat."}]
+
+    def sample(seed):
+        return (
+            client.chat.completions.create(
+                model=smol_server.model, messages=story, max_tokens=24, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
+
+    first, again, other = sample(7), sample(7), sample(8)
+    assert first == again
+    assert first != other
+
+
+SECRETS = [
+    "Zanzibar",
+    "Kilimanjaro",
+    "Reykjavik",
+    "Timbuktu",
+    "Ulaanbaatar",
+    "Valparaiso",
+    "Samarkand",
+    "Marrakesh",
+]
+
+
+def test_eight_agents_keep_their_own_context(smol_server):
+    def converse(i: int) -> list[str]:
+        client = smol_server.client(f"secret-agent-{i}")
+        messages = [
+            {
+                "role": "system",
+                "content": f"The secret word is {SECRETS[i]}.",
+            }
+        ]
+        answers = []
+        for turn in range(3):
+            messages.append({"role": "user", "content": "Repeat the secret word."})
+            reply = client.chat.completions.create(
+                model=smol_server.model, messages=messages, max_tokens=16, **GREEDY
+            )
+            answers.append(reply.choices[0].message.content)
+            if turn > 0:
+                assert reply.usage.prompt_tokens_details.cached_tokens > 0
+            messages.append({"role": "assistant", "content": answers[-1]})
+        return answers
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(converse, range(8)))
+    for i, answers in enumerate(results):
+        print(SECRETS[i], answers)
+        others = [s for s in SECRETS if s != SECRETS[i]]
+        assert all(not any(o in a for o in others) for a in answers), "context leaked"
+        assert any(SECRETS[i] in a for a in answers), f"agent {i} never said its secret"
+
+
+def test_dropped_stream_frees_its_place(smol_server):
+    long_story = [{"role": "user", "content": "Tell me a very long story about dragons."}]
+    with httpx.stream(
+        "POST",
+        f"{smol_server.url}/v1/chat/completions",
+        timeout=120,
+        json={"messages": long_story, "max_tokens": 400, "stream": True},
+    ) as r:
+        for count, _ in enumerate(r.iter_lines()):
+            if count == 6:
+                break  # leave mid-stream: closing the connection drops the request
+    client = smol_server.client()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(
+            pool.map(
+                lambda i: client.chat.completions.create(
+                    model=smol_server.model, messages=FRANCE, max_tokens=8, **GREEDY
+                ),
+                range(8),
+            )
+        )
+    assert all(r.choices[0].message.content for r in replies)
+    health = smol_server.health()
+    assert health["active_sequences"] == 0 and health["in_flight"] == 0, health
+
+
+BAD_REQUESTS = [
+    ("invalid json", b"{not json", {}, 400, None),
+    ("not an object", b"[1, 2]", {}, 400, None),
+    ("missing messages", {"model": None}, {}, 400, "messages"),
+    ("wrong type", {"messages": "hello"}, {}, 400, "messages"),
+    (
+        "unknown role",
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {},
+        400,
+        "messages.0.role",
+    ),
+    ("n=2", {"messages": FRANCE, "n": 2}, {}, 400, "n"),
+    ("negative max_tokens", {"messages": FRANCE, "max_tokens": -5}, {}, 400, "max_tokens"),
+    ("huge max_tokens", {"messages": FRANCE, "max_tokens": 10**9}, {}, 400, "max_tokens"),
+    ("temperature as text", {"messages": FRANCE, "temperature": "hot"}, {}, 400, "temperature"),
+    (
+        "oversized body",
+        {"messages": [{"role": "user", "content": "x" * (5 * 2**20)}]},
+        {},
+        413,
+        None,
+    ),
+    (
+        "prompt beyond context",
+        {"messages": [{"role": "user", "content": "hello " * 3000}]},
+        {},
+        400,
+        "messages",
+    ),
+    ("invalid agent id", {"messages": FRANCE}, {"X-Agent-ID": "../../etc/passwd"}, 400, "agent_id"),
+    ("unknown model", {"messages": FRANCE, "model": "no-such-model"}, {}, 404, None),
+    ("available but not loaded", {"messages": FRANCE, "model": "gemma3-270m"}, {}, 409, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "headers", "status", "param"),
+    BAD_REQUESTS,
+    ids=[row[0] for row in BAD_REQUESTS],
+)
+def test_bad_input_gets_a_clear_error(smol_server, name, body, headers, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        f"{smol_server.url}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json", **headers},
+        timeout=60,
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"} and error["message"]
+    assert "Traceback" not in response.text
+    if param is not None:
+        assert error["param"] == param
+    ok = smol_server.client().chat.completions.create(
+        model=smol_server.model, messages=FRANCE, max_tokens=2, **GREEDY
+    )
+    assert ok.choices[0].message.content
