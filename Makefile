@@ -12,11 +12,11 @@ serve: setup
 	$(VENV)/bin/semantic-server serve
 
 test: setup
-	$(VENV)/bin/ruff check src tests scripts experiments
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check src tests scripts experiments
+	$(VENV)/bin/ruff check .
 
 setup: $(INSTALLED) $(MODELS)
 
