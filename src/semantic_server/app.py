@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import uvicorn
@@ -20,11 +21,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from semantic_server.api import openai_routes, ops_routes
+from semantic_server.api import admin_routes, openai_routes, ops_routes
 from semantic_server.api.errors import error_response, handle_any
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_file import CacheTag
 from semantic_server.config import Settings
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.gate import AdmissionGate
@@ -32,6 +34,7 @@ from semantic_server.engine.service import GenerationService
 from semantic_server.errors import SemanticServerError
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.registry import LoadedModel, ModelRegistry
+from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 log = logging.getLogger("semantic_server")
 
@@ -44,9 +47,15 @@ class ServerContext:
     catalog: ModelCatalog
     registry: ModelRegistry
     engine: BatchEngine
+    pool: BlockPool
     store: AgentCacheStore
     gate: AdmissionGate
     service: GenerationService
+    orchestrator: ModelSwapOrchestrator
+
+    async def engine_call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread (it owns every MLX array and the caches)."""
+        return await asyncio.wrap_future(self.engine.call(fn))
 
 
 def kv_budget(settings: Settings) -> int:
@@ -59,7 +68,8 @@ async def start_server(settings: Settings) -> ServerContext:
     catalog = ModelCatalog(settings.models_dir, settings.extra_models)
     registry = ModelRegistry(catalog, settings.compute_dtype)
     pool = BlockPool(kv_budget(settings), settings.block_tokens)
-    store = AgentCacheStore(pool)
+    store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
+                             settings.cache_disk_bytes)
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries)
@@ -69,6 +79,7 @@ async def start_server(settings: Settings) -> ServerContext:
     def load_and_attach() -> LoadedModel:
         loaded = registry.load(settings.model)
         pool.reconfigure(loaded.dims)
+        store.retag(CacheTag.for_model(loaded.tag, settings.block_tokens))
         engine.attach(loaded)
         return loaded
 
@@ -82,7 +93,20 @@ async def start_server(settings: Settings) -> ServerContext:
              pool.block_tokens)
     gate = AdmissionGate(settings.swap_hold_seconds)
     service = GenerationService(engine, gate, settings.max_context_tokens)
-    return ServerContext(settings, catalog, registry, engine, store, gate, service)
+    orchestrator = ModelSwapOrchestrator(catalog=catalog, registry=registry, engine=engine,
+                                         pool=pool, store=store, gate=gate,
+                                         block_tokens=settings.block_tokens)
+    return ServerContext(settings, catalog, registry, engine, pool, store, gate, service,
+                         orchestrator)
+
+
+async def stop_server(server: ServerContext) -> None:
+    """Write every hot cache to disk, then stop the engine (SIGTERM ends up here)."""
+    try:
+        written = await server.engine_call(server.store.evict_all)
+        log.info("wrote %d hot agent caches to disk before exit", len(written))
+    finally:
+        server.engine.shutdown()
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -99,10 +123,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
-            app.state.server.engine.shutdown()
+            await stop_server(app.state.server)
 
     return Starlette(
-        routes=[*openai_routes.routes, *ops_routes.routes],
+        routes=[*openai_routes.routes, *admin_routes.routes, *ops_routes.routes],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,

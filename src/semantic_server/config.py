@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -59,6 +59,17 @@ class Settings(BaseSettings):
     shared_prefix_entries: int = Field(
         8, ge=0, description="Prefix caches kept for anonymous requests.")
 
-    # Swaps
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "semantic-server" / "agents",
+        description="Where evicted agent caches live, one folder per model tag.")
+    cache_reuse: Literal["exact", "dims"] = Field(
+        "exact", description="exact: a cache loads only on the weights that wrote it; dims: "
+        "on any model with the same cache shape.")
+    cache_disk_bytes: int | None = Field(
+        None, gt=0, description="Disk budget of cold caches; the oldest go first.")
+
+    # Admin and swaps
+    admin_key: SecretStr | None = Field(
+        None, description="X-Admin-Key for /admin; unset turns the admin API off (403).")
     swap_hold_seconds: float = Field(
         120.0, gt=0, description="How long a request waits for a swap before a 503.")

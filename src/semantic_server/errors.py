@@ -63,3 +63,19 @@ class ServiceDegraded(SemanticServerError):
 
 class GenerationFailed(SemanticServerError):
     """The engine could not run the request (an internal fault, reported without details)."""
+
+
+class SwapInProgress(SemanticServerError):
+    """Only one swap runs at a time."""
+
+
+class SwapTimeout(SemanticServerError):
+    """The drain did not finish in time; the swap was aborted and nothing changed."""
+
+
+class AdminDisabled(SemanticServerError):
+    """No admin key is configured, so the admin API is off."""
+
+
+class Unauthorized(SemanticServerError):
+    """The X-Admin-Key header is missing or wrong."""

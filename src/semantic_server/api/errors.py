@@ -19,13 +19,17 @@ log = logging.getLogger(__name__)
 # error type -> (HTTP status, OpenAI error type, default code)
 STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.InvalidRequest: (400, "invalid_request_error", "invalid_request"),
+    e.Unauthorized: (401, "authentication_error", "invalid_admin_key"),
+    e.AdminDisabled: (403, "permission_error", "admin_disabled"),
     e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     e.ModelNotLoaded: (409, "invalid_request_error", "model_not_loaded"),
+    e.SwapInProgress: (409, "invalid_request_error", "swap_in_progress"),
     e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
     e.ServiceDegraded: (503, "server_error", "degraded"),
     e.GenerationFailed: (500, "server_error", "generation_failed"),
+    e.SwapTimeout: (504, "server_error", "drain_timeout"),
 }
 
 

@@ -1,21 +1,35 @@
-"""Each agent's KV cache between its requests.
+"""Each agent's KV cache between its requests: hot in memory, cold on disk.
 
-An agent's cache is *hot* (resident, holding blocks of the BlockPool) between its turns
-and *checked out* while a request of that agent runs (the batch owns it then). When hot
-caches outgrow the budget the least recently used agents leave memory. Only the engine
-thread calls this class, so it needs no lock.
+An agent's cache is *hot* (resident, holding blocks of the BlockPool) between its turns,
+*checked out* while a request of that agent runs (the batch owns it then), and *cold*
+(a safetensors file) once it has been evicted: by the LRU policy when hot caches outgrow
+the KV budget, by a swap, or at shutdown. A cold cache comes back on the agent's next
+request, but only under the tag it was written with (or, with ``reuse="dims"``, under
+any tag of the same shape); anything else is rejected with a logged, counted reason.
+Only the engine thread calls this class, so it needs no lock.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import shutil
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_file import (
+    CacheFileError,
+    CacheTag,
+    agent_file_name,
+    read_cache,
+    write_cache,
+)
 
 log = logging.getLogger(__name__)
+QUARANTINE = "quarantine"
 
 
 @dataclass
@@ -28,47 +42,151 @@ class AgentCache:
 
 
 class AgentCacheStore:
-    """Hot agent caches within the KV budget of a BlockPool."""
-
-    def __init__(self, pool: BlockPool,
-                 on_evict: Callable[[AgentCache], None] | None = None):
+    def __init__(self, pool: BlockPool, cache_dir: Path | None = None, reuse: str = "exact",
+                 disk_budget_bytes: int | None = None):
         self.pool = pool
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.reuse = reuse
+        self.disk_budget_bytes = disk_budget_bytes
+        self.tag: CacheTag | None = None
+        self.lookups: Counter[str] = Counter()  # hot / disk / miss / rejected
+        self.write_failures = 0
         self._hot: dict[str, AgentCache] = {}
-        # Where an evicted cache goes; None drops it (the swap issue writes it to disk).
-        self._on_evict = on_evict
 
+    # ---- tag -------------------------------------------------------------------------
+    def retag(self, tag: CacheTag) -> None:
+        """Serve caches of ``tag`` from now on (the pool must be empty: evict first)."""
+        if self._hot:
+            raise RuntimeError("retag needs every hot cache evicted first")
+        self.tag = tag
+
+    def _path(self, tag: CacheTag, agent_id: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / tag.digest / agent_file_name(agent_id)
+
+    # ---- hot <-> checked out ---------------------------------------------------------
     def checkout(self, agent_id: str) -> AgentCache | None:
-        """Take the agent's cache out of the pool for a request (None: no cache here)."""
+        """The agent's cache for a request: hot if resident, else from disk, else None."""
         entry = self._hot.pop(agent_id, None)
         self.pool.release(agent_id)
+        if entry is not None:
+            self.lookups["hot"] += 1
+            return entry
+        entry = self._load_cold(agent_id)
+        self.lookups["disk" if entry else "miss"] += 1
         return entry
 
     def checkin(self, entry: AgentCache) -> None:
         """Make ``entry`` hot again, evicting least recently used agents to fit it."""
         victims = self.pool.victims_for(len(entry.tokens))
         if victims is None:
-            log.warning("cache of %d tokens exceeds the whole KV budget; not kept",
+            log.warning("a cache of %d tokens exceeds the whole KV budget: written to disk",
                         len(entry.tokens))
-            self._evict(entry)
+            self._write(entry)
             return
         for agent_id in victims:
-            self._evict(self._hot.pop(agent_id))
+            self._write(self._hot.pop(agent_id))
             self.pool.release(agent_id)
         self._hot[entry.agent_id] = entry
         self.pool.allocate(entry.agent_id, len(entry.tokens))
 
-    def _evict(self, entry: AgentCache) -> None:
-        if self._on_evict is not None:
-            self._on_evict(entry)
-
     def evict_all(self) -> list[str]:
-        """Every hot cache leaves memory (a swap's evict step); returns the agent ids."""
+        """Every hot cache to disk (a swap's evict step, and shutdown); returns the agents."""
         agents = self.pool.agents()
         for agent_id in agents:
-            self._evict(self._hot.pop(agent_id))
+            self._write(self._hot.pop(agent_id))
             self.pool.release(agent_id)
         return agents
 
+    # ---- disk ------------------------------------------------------------------------
+    def _write(self, entry: AgentCache) -> None:
+        if self.cache_dir is None or self.tag is None:
+            return
+        try:
+            write_cache(self._path(self.tag, entry.agent_id), self.tag, entry.agent_id,
+                        entry.layers, entry.tokens)
+        except OSError as exc:  # a full disk loses this copy, never an older valid file
+            self.write_failures += 1
+            log.error("could not write the cache of an agent: %s", exc)
+            return
+        self._enforce_disk_budget()
+
+    def _candidates(self, agent_id: str) -> list[Path]:
+        assert self.tag is not None
+        exact = self._path(self.tag, agent_id)
+        paths = [exact] if exact.exists() else []
+        if self.reuse == "dims":
+            for tag_file in self.cache_dir.glob("*/tag.json"):
+                other = tag_file.parent / agent_file_name(agent_id)
+                if other != exact and other.exists() and \
+                        CacheTag.from_json(tag_file.read_text()).shape_key() == \
+                        self.tag.shape_key():
+                    paths.append(other)
+        return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def _load_cold(self, agent_id: str) -> AgentCache | None:
+        if self.cache_dir is None or self.tag is None:
+            return None
+        for path in self._candidates(agent_id):
+            try:
+                loaded = read_cache(path)
+                self._check(loaded.tag, loaded.agent_id, agent_id)
+            except CacheFileError as exc:
+                self.lookups["rejected"] += 1
+                log.warning("cache file %s rejected: %s", path.name, exc)
+                self._quarantine(path, str(exc))
+                continue
+            return AgentCache(agent_id, loaded.layers, loaded.tokens)
+        return None
+
+    def _check(self, tag: CacheTag, file_agent: str, agent_id: str) -> None:
+        if file_agent != agent_id:
+            raise CacheFileError("the file belongs to another agent")
+        if tag == self.tag:
+            return
+        if tag.shape_key() != self.tag.shape_key():
+            raise CacheFileError(
+                f"dims differ: file has {tag.n_layers} layers x {tag.n_kv_heads} KV heads x "
+                f"{tag.head_dim} ({tag.kv_dtype}), model {self.tag.model_id} has "
+                f"{self.tag.n_layers} x {self.tag.n_kv_heads} x {self.tag.head_dim} "
+                f"({self.tag.kv_dtype})")
+        if self.reuse != "dims":
+            raise CacheFileError(f"written by other weights ({tag.model_id} "
+                                 f"{tag.fingerprint}); set SEMANTIC_CACHE_REUSE=dims to reuse")
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        target = self.cache_dir / QUARANTINE
+        target.mkdir(parents=True, exist_ok=True)
+        name = f"{path.parent.name}-{path.stem}-{int(time.time() * 1000)}"
+        try:
+            shutil.move(str(path), target / f"{name}.safetensors")
+            (target / f"{name}.reason.txt").write_text(reason + "\n")
+        except OSError as exc:
+            log.error("could not quarantine %s: %s", path, exc)
+
+    def cold_files(self) -> list[Path]:
+        """Every cache file on disk, quarantine excluded."""
+        if self.cache_dir is None or not self.cache_dir.exists():
+            return []
+        return [p for p in self.cache_dir.glob("*/*.safetensors")
+                if p.parent.name != QUARANTINE and not p.name.startswith(".")]
+
+    def _enforce_disk_budget(self) -> None:
+        if self.disk_budget_bytes is None:
+            return
+        files = sorted(self.cold_files(), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files[:-1]:  # never the newest: it was just written
+            if total <= self.disk_budget_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+    # ---- reports ---------------------------------------------------------------------
     def hot_agents(self) -> dict[str, int]:
         """Resident agents and their token counts, least recently used first."""
         return {agent_id: len(self._hot[agent_id].tokens) for agent_id in self.pool.agents()}
+
+    def hot_bytes(self) -> int:
+        return sum(self.pool.dims.cache_bytes(n) for n in self.hot_agents().values()) \
+            if self.pool.dims else 0

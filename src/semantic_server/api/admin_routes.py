@@ -1,0 +1,97 @@
+"""Admin API: swap models and look inside the server. Guarded by ``X-Admin-Key``.
+
+With no key configured the admin API is off (403), never open; a missing or wrong key is
+a 401, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from semantic_server.api.openai_routes import read_json
+from semantic_server.errors import AdminDisabled, Unauthorized
+from semantic_server.models.registry import MemorySnapshot
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model_id: str = Field(min_length=1)
+    timeout_seconds: float = Field(60.0, gt=0, le=3600)
+
+
+def require_admin(request: Request) -> Any:
+    server = request.app.state.server
+    key = server.settings.admin_key
+    if key is None or not key.get_secret_value():
+        raise AdminDisabled("the admin API is off: set SEMANTIC_ADMIN_KEY to enable it")
+    given = request.headers.get("x-admin-key", "")
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong X-Admin-Key")
+    return server
+
+
+async def swap(request: Request) -> JSONResponse:
+    server = require_admin(request)
+    body = SwapRequest.model_validate(await read_json(request, server.settings.max_body_bytes))
+    result = await server.orchestrator.swap(body.model_id, body.timeout_seconds)
+    status = {"success": 200, "rolled_back": 500, "degraded": 500}[result.status]
+    return JSONResponse(result.as_dict(), status_code=status)
+
+
+async def current(request: Request) -> JSONResponse:
+    server = require_admin(request)
+    loaded = server.engine.loaded
+    memory = MemorySnapshot.now()
+    return JSONResponse({
+        "model_id": loaded.model_id if loaded else None,
+        "state": server.gate.state.value,
+        "reason": server.gate.degraded_reason or None,
+        "dims": loaded.dims.as_dict() if loaded else None,
+        "tag": server.store.tag.digest if server.store.tag else None,
+        "fingerprint": loaded.tag.fingerprint if loaded else None,
+        "memory": {"mlx_active_bytes": memory.active_bytes, "mlx_peak_bytes": memory.peak_bytes,
+                   "rss_bytes": memory.rss_bytes},
+        "kv_pool": {"budget_bytes": server.pool.budget_bytes, "capacity_blocks":
+                    server.pool.capacity, "used_blocks": server.pool.used,
+                    "block_tokens": server.pool.block_tokens},
+    })
+
+
+async def available(request: Request) -> JSONResponse:
+    server = require_admin(request)
+    loaded = server.engine.loaded
+    return JSONResponse({"data": [
+        {"model_id": e.model_id, "source": e.source, "path": str(e.path) if e.path else None,
+         "loaded": bool(loaded and loaded.model_id == e.model_id)}
+        for e in server.catalog.available()]})
+
+
+async def swaps(request: Request) -> JSONResponse:
+    server = require_admin(request)
+    return JSONResponse({"data": [r.as_dict() for r in server.orchestrator.history]})
+
+
+async def agents(request: Request) -> JSONResponse:
+    server = require_admin(request)
+    hot = await server.engine_call(server.store.hot_agents)
+    return JSONResponse({
+        "hot": [{"agent_id": agent, "tokens": tokens,
+                 "bytes": server.pool.dims.cache_bytes(tokens)} for agent, tokens in hot.items()],
+        "cold_files": len(server.store.cold_files()),
+        "lookups": dict(server.store.lookups),
+    })
+
+
+routes = [
+    Route("/admin/models/swap", swap, methods=["POST"]),
+    Route("/admin/models/current", current, methods=["GET"]),
+    Route("/admin/models/available", available, methods=["GET"]),
+    Route("/admin/swaps", swaps, methods=["GET"]),
+    Route("/admin/agents", agents, methods=["GET"]),
+]
