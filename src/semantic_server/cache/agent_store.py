@@ -52,6 +52,13 @@ class AgentCacheStore:
         self.lookups: Counter[str] = Counter()  # hot / disk / miss / rejected
         self.write_failures = 0
         self._hot: dict[str, AgentCache] = {}
+        self._remove_partial_writes()
+
+    def _remove_partial_writes(self) -> None:
+        """A process killed mid-write leaves a temporary file, never a cache file: drop it."""
+        if self.cache_dir is not None and self.cache_dir.exists():
+            for leftover in self.cache_dir.glob("*/.*.tmp.safetensors"):
+                leftover.unlink(missing_ok=True)
 
     # ---- tag -------------------------------------------------------------------------
     def retag(self, tag: CacheTag) -> None:

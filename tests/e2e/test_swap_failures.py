@@ -1,0 +1,121 @@
+"""Swaps that fail, for real: broken weights, a failing warm-up, a failing rollback, a
+second swap during a swap, a drain that times out. The server must keep serving (or say
+clearly that it cannot), and no agent cache may be lost."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import shutil
+import time
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tests.conftest import GEMMA, SMOLLM2
+from tests.e2e.server import ServerProcess
+from tests.e2e.test_swap import ADMIN, GREEDY, KEY, swap
+
+
+def _copy_model(source, dest):
+    shutil.copytree(source, dest)
+    return dest
+
+
+def _poison(model_dir, value):
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.norm.weight"] = np.full_like(weights["model.norm.weight"], value)
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "mlx"})
+
+
+@pytest.fixture(scope="module")
+def fragile_server(models_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-models")
+    fragile = _copy_model(models_dir / SMOLLM2, root / "fragile")
+    broken = _copy_model(models_dir / SMOLLM2, root / "broken-weights")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 4096)
+    nan = _copy_model(models_dir / SMOLLM2, root / "nan-weights")
+    _poison(nan, math.nan)
+    extra = json.dumps([str(fragile), str(broken), str(nan)])
+    server = ServerProcess("fragile", admin_key=KEY, extra_models=extra,
+                           cache_dir=str(tmp_path_factory.mktemp("fault-caches"))).start()
+    server.fragile = fragile
+    yield server
+    server.stop()
+
+
+def _agent_turns(server, agent_id):
+    client = server.client(agent_id)
+    messages = [{"role": "user", "content": "Name three rivers of Europe."}]
+    first = client.chat.completions.create(model="fragile", messages=messages, max_tokens=12,
+                                           **GREEDY)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And three of Asia?"}]
+    return client, messages, first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+@pytest.mark.parametrize("target", ["broken-weights", "nan-weights"])
+def test_failed_load_rolls_back_and_keeps_caches(fragile_server, target):
+    client, messages, history = _agent_turns(fragile_server, f"survivor-{target}")
+    response = swap(fragile_server, target)
+    assert response.status_code == 500
+    body = response.json()
+    assert body["status"] == "rolled_back", body
+    assert any(s["name"] == "load" and not s["ok"] for s in body["steps"])
+    print(body["message"])
+    health = fragile_server.health()
+    assert health["status"] == "ready" and health["model"] == "fragile"
+    again = client.chat.completions.create(model="fragile", messages=messages, max_tokens=8,
+                                           **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens >= history - 4
+
+
+def test_second_swap_is_409_and_drain_timeout_aborts(fragile_server):
+    client = fragile_server.client("long-writer")
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        writing = pool.submit(lambda: client.chat.completions.create(
+            model="fragile", messages=story, max_tokens=150, **GREEDY))
+        while fragile_server.health()["active_sequences"] == 0:
+            time.sleep(0.05)  # wait until the story is being generated
+        aborted = swap(fragile_server, SMOLLM2, timeout_seconds=0.5)
+        assert aborted.status_code == 504, aborted.text
+        assert fragile_server.health()["model"] == "fragile"
+        story_reply = writing.result()
+    assert story_reply.choices[0].finish_reason == "length"
+    assert story_reply.model == "fragile"
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(swap, fragile_server, GEMMA)
+        while fragile_server.health()["status"] != "swapping":
+            time.sleep(0.02)
+        second = swap(fragile_server, SMOLLM2)
+        assert second.status_code == 409, second.text
+        assert first.result().json()["status"] == "success"
+    assert swap(fragile_server, "fragile").json()["status"] == "success"
+
+
+def test_failed_rollback_degrades_until_a_good_swap(fragile_server):
+    # The loaded model's files go bad on disk: the model in memory still serves, but a
+    # failed swap cannot roll back to it.
+    (fragile_server.fragile / "model.safetensors").write_bytes(b"\x00" * 4096)
+    body = swap(fragile_server, "broken-weights").json()
+    assert body["status"] == "degraded", body
+    health = httpx.get(f"{fragile_server.url}/health", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    chat = httpx.post(f"{fragile_server.url}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "degraded"
+    assert "rollback" in chat.json()["error"]["message"]
+
+    recovered = swap(fragile_server, SMOLLM2)
+    assert recovered.json()["status"] == "success", recovered.text
+    assert fragile_server.health()["status"] == "ready"
+    reply = fragile_server.client().chat.completions.create(
+        model=SMOLLM2, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **GREEDY)
+    assert reply.model == SMOLLM2
+    assert httpx.get(f"{fragile_server.url}/admin/models/current",
+                     headers=ADMIN).json()["state"] == "ready"
