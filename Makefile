@@ -27,7 +27,7 @@ $(INSTALLED): pyproject.toml
 	./scripts/install_openblas
 	touch $@
 
-$(MODELS): $(INSTALLED) scripts/fetch_models src/semantic_server/models/gguf_import.py src/semantic_server/models/gguf_blocks.py
+$(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja src/semantic_server/models/gguf_import.py src/semantic_server/models/gguf_blocks.py
 	$(PY) scripts/fetch_models
 	touch $@
 

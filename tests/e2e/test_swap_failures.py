@@ -119,3 +119,21 @@ def test_failed_rollback_degrades_until_a_good_swap(fragile_server):
     assert reply.model == SMOLLM2
     assert httpx.get(f"{fragile_server.url}/admin/models/current",
                      headers=ADMIN).json()["state"] == "ready"
+
+
+def test_requests_held_past_the_limit_get_503_with_retry_after(models_dir, tmp_path):
+    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path),
+                           swap_hold_seconds="1").start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            swapping = pool.submit(swap, server, GEMMA)
+            while server.health()["status"] != "swapping":
+                time.sleep(0.02)
+            held = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                              json={"messages": [{"role": "user", "content": "hi"}]})
+            assert swapping.result().json()["status"] == "success"
+        assert held.status_code == 503, held.text
+        assert held.headers["Retry-After"] == "1"
+        assert held.json()["error"]["code"] == "swap_in_progress"
+    finally:
+        server.stop()

@@ -318,6 +318,8 @@ def import_gguf(gguf_path: Path, dest: Path, chat_template: Path | None = None,
         "source_sha256": _sha256(gguf_path),
         "gguf_architecture": gguf_arch,
         "as_float16": as_float16,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()
+        if template else None,
     }
 
     dest.parent.mkdir(parents=True, exist_ok=True)
