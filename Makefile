@@ -31,5 +31,10 @@ $(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja 
 	$(PY) scripts/fetch_models
 	touch $@
 
+experiments: setup
+	$(PY) -m experiments.exp011_memory_reclamation
+	$(PY) -m experiments.exp012_swap_latency
+	$(PY) -m experiments.exp013_cache_restore
+
 clean-models:
 	rm -rf models .cache/models

@@ -1,0 +1,3 @@
+"""Test package. Importing it first loads OpenBLAS before any test module imports mlx."""
+
+import semantic_server  # noqa: F401

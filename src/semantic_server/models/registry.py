@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import LayerKind, ModelDims, dims_from_config
 from semantic_server.models.fingerprint import weights_fingerprint
 
+TOKENIZERS_KEPT = 4
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -119,6 +121,22 @@ class ModelRegistry:
         self.catalog = catalog
         self.compute_dtype = resolve_compute_dtype(compute_dtype)
         self.current: LoadedModel | None = None
+        # Tokenizers are plain Python objects, not MLX memory, and Gemma's takes seconds to
+        # build: keep the last few so a model that comes back in a swap loads faster.
+        self._tokenizers: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _tokenizer(self, path: Path, config: dict[str, Any]) -> Any:
+        from mlx_lm.utils import load_tokenizer
+
+        files = sorted(path.glob("tokenizer*")) + sorted(path.glob("*.jinja"))
+        key = (str(path.resolve()), *((f.name, f.stat().st_mtime_ns) for f in files))
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(
+                path, eos_token_ids=config.get("eos_token_id"))
+            while len(self._tokenizers) > TOKENIZERS_KEPT:
+                self._tokenizers.popitem(last=False)
+        self._tokenizers.move_to_end(key)
+        return self._tokenizers[key]
 
     def kv_dtype_name(self, config: dict[str, Any]) -> str:
         """The KV dtype a model will have, known before loading it (for a preflight)."""
@@ -128,7 +146,7 @@ class ModelRegistry:
 
     def load(self, model_id: str) -> LoadedModel:
         """Load ``model_id``, convert it to the compute dtype and warm it up."""
-        from mlx_lm.utils import dequantize_model, load
+        from mlx_lm.utils import dequantize_model, load_model
 
         if self.current is not None:
             raise RuntimeError(f"{self.current.model_id} is loaded: unload it first")
@@ -137,7 +155,8 @@ class ModelRegistry:
         before = MemorySnapshot.now()
         started = time.perf_counter()
         try:
-            model, tokenizer = load(str(path), lazy=True)
+            model, _ = load_model(path, lazy=True)
+            tokenizer = self._tokenizer(path, config)
             if self.compute_dtype is not None:
                 model = dequantize_model(model)
                 model.set_dtype(self.compute_dtype)

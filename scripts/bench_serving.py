@@ -1,0 +1,199 @@
+"""Serving benchmark on SmolLM2 (not a test): prints a table and writes JSON.
+
+(a) single-stream decode tokens/s, ours against ``mlx_lm.generate`` on the same weights;
+(b) aggregate decode tokens/s with 8 concurrent agents against 1;
+(c) TTFT of an agent's turn with about 2,000 tokens of cached history against the same
+    turn cold;
+(d) the same 20-request shared-prefix workload against ``mlx_lm.server`` on the same
+    weights. Both servers get the same float32 weights and OpenBLAS (the peer's strongest
+    fair configuration on this CPU: its quantized path would be several times slower).
+
+Usage: .venv/bin/python scripts/bench_serving.py [--out experiments/results/bench_serving.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from semantic_server.blas import blas_status  # noqa: E402  (loads OpenBLAS before mlx)
+from tests.e2e.server import ServerProcess, free_port  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+SHARED_PREFIX = ("You are a support assistant for a bicycle shop. " +
+                 "The shop sells road bikes, mountain bikes, helmets, lights and locks; it "
+                 "repairs punctures, brakes and gears, and opens from nine to six. " * 40)
+
+
+def stream_turn(url: str, messages: list[dict], max_tokens: int, agent: str | None = None,
+                model: str | None = None) -> dict:
+    """One streamed greedy request: TTFT, decode rate, usage."""
+    headers = {"X-Agent-ID": agent} if agent else {}
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    started = time.perf_counter()
+    first = None
+    chunks = 0
+    usage = {}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]
+            if data.get("choices") and data["choices"][0]["delta"].get("content"):
+                chunks += 1
+                first = first or time.perf_counter()
+    end = time.perf_counter()
+    tokens = usage.get("completion_tokens", chunks)
+    return {"ttft": (first or end) - started, "total": end - started, "tokens": tokens,
+            "decode_tps": (tokens - 1) / (end - first) if first and tokens > 1 else 0.0,
+            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
+
+
+def mlx_generate_tps(model_dir: Path, prompt: str, max_tokens: int) -> float:
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer = load(str(model_dir))
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True)
+    responses = list(stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
+    return responses[-1].generation_tps
+
+
+def float32_copy(model_dir: Path, dest: Path) -> Path:
+    """The same weights as a float32 MLX directory, for mlx_lm.server."""
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model, load, save
+
+    model, tokenizer, config = load(str(model_dir), return_config=True)
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    save(dest, model_dir, model, tokenizer, config)
+    return dest
+
+
+def shared_prefix_workload(url: str, model: str | None) -> list[float]:
+    """20 sequential anonymous requests sharing a long system prompt."""
+    latencies = []
+    for i in range(20):
+        messages = [{"role": "system", "content": SHARED_PREFIX},
+                    {"role": "user", "content": f"Question {i}: do you repair brakes?"}]
+        latencies.append(stream_turn(url, messages, 16, model=model)["total"])
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "experiments" / "results" / "bench_serving.json")
+    args = parser.parse_args()
+    model_dir = ROOT / "models" / MODEL
+    results: dict = {"blas": blas_status().detail}
+    story = "Write a long story about a lighthouse keeper and a storm."
+
+    server = ServerProcess(MODEL, cache_dir=tempfile.mkdtemp()).start()
+    try:
+        url = server.url
+        stream_turn(url, [{"role": "user", "content": "Hello"}], 4)  # warm-up
+        single = stream_turn(url, [{"role": "user", "content": story}], 128, agent="bench-1")
+        reference = mlx_generate_tps(model_dir, story, 128)
+        results["a_single_stream"] = {"ours_tps": single["decode_tps"],
+                                      "mlx_generate_tps": reference,
+                                      "ratio": single["decode_tps"] / reference}
+        print(f"(a) decode: ours {single['decode_tps']:.1f} tok/s, mlx_lm.generate "
+              f"{reference:.1f} tok/s, ratio {results['a_single_stream']['ratio']:.2f}",
+              flush=True)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            started = time.perf_counter()
+            runs = list(pool.map(lambda i: stream_turn(
+                url, [{"role": "user", "content": f"{story} Version {i}."}], 64,
+                agent=f"bench-many-{i}"), range(8)))
+            wall = time.perf_counter() - started
+        aggregate = sum(r["tokens"] for r in runs) / wall
+        one = single["tokens"] / single["total"]
+        results["b_concurrency"] = {"agents": 8, "aggregate_tps": aggregate, "single_tps": one,
+                                    "ratio": aggregate / one}
+        print(f"(b) 8 agents: {aggregate:.1f} tok/s aggregate vs {one:.1f} single "
+              f"({aggregate / one:.1f}x)", flush=True)
+
+        long_history = [{"role": "user", "content": SHARED_PREFIX * 2 + " Summarise."}]
+        first = stream_turn(url, long_history, 8, agent="bench-history")
+        turn = [*long_history, {"role": "assistant", "content": "Noted."},
+                {"role": "user", "content": "Which bikes do you sell?"}]
+        warm = stream_turn(url, turn, 8, agent="bench-history")
+        cold = stream_turn(url, turn, 8, agent="bench-history-cold")
+        results["c_cached_history"] = {"history_tokens": warm["cached"],
+                                       "ttft_warm": warm["ttft"], "ttft_cold": cold["ttft"],
+                                       "ratio": warm["ttft"] / cold["ttft"],
+                                       "first_turn_ttft": first["ttft"]}
+        print(f"(c) {warm['cached']} cached tokens: TTFT {warm['ttft']:.3f} s warm vs "
+              f"{cold['ttft']:.3f} s cold (1/{cold['ttft'] / warm['ttft']:.0f})", flush=True)
+
+        ours = shared_prefix_workload(url, None)
+    finally:
+        server.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peer_dir = float32_copy(model_dir, Path(tmp) / "smollm2-f32")
+        port = free_port()
+        env = dict(os.environ)
+        if blas_status().path:
+            env["LD_PRELOAD"] = blas_status().path
+        peer = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(peer_dir),
+                                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            peer_url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{peer_url}/v1/models", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.3)  # polling for readiness
+            stream_turn(peer_url, [{"role": "user", "content": "Hello"}], 4, model=str(peer_dir))
+            theirs = shared_prefix_workload(peer_url, str(peer_dir))
+        finally:
+            peer.terminate()
+            peer.wait(30)
+    results["d_shared_prefix"] = {
+        "requests": 20, "ours_mean_s": statistics.mean(ours),
+        "mlx_lm_server_mean_s": statistics.mean(theirs),
+        "ratio": statistics.mean(ours) / statistics.mean(theirs),
+        "ours_s": ours, "mlx_lm_server_s": theirs}
+    print(f"(d) shared prefix, 20 requests: ours {statistics.mean(ours):.3f} s/request, "
+          f"mlx_lm.server {statistics.mean(theirs):.3f} s/request", flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
