@@ -30,6 +30,8 @@ class ServerProcess:
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Each server gets its own cache folder unless the test shares one on purpose.
+        settings.setdefault("cache_dir", tempfile.mkdtemp(prefix="agent-caches-"))
         self.env = {
             **os.environ,
             "SEMANTIC_MODELS_DIR": str(MODELS_DIR),
