@@ -105,8 +105,10 @@ def main() -> None:
     write_results("exp012_swap_latency", {"runs": runs, "floors_ms": floors,
                                           "summary": summary}, args.results)
 
-    fig, ax = plt.subplots(figsize=(10, 5))
-    labels = [f"{s['source'][:5]}->{s['target'][:5]}\n{s['agents']} agents" for s in summary]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    short = {SMOLLM2: "SmolLM2", GEMMA: "Gemma"}
+    labels = [f"{short[s['source']]}->{short[s['target']]}\n{s['agents']} agents"
+              for s in summary]
     bottom = [0.0] * len(summary)
     for step in STEPS:
         values = [s["steps_median_ms"][step] / 1e3 for s in summary]
@@ -114,6 +116,7 @@ def main() -> None:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.scatter(labels, [s["floor_ms"] / 1e3 for s in summary], color="black", marker="_",
                s=400, label="floor: mlx_lm.load + warm-up", zorder=3)
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("seconds (median)")
     ax.set_title("EXP-012: swap latency per step")
     ax.legend(fontsize=8)

@@ -78,6 +78,10 @@ def test_round_trip_restores_the_agent_cache(swap_server, home, away):
     assert [s["name"] for s in body["steps"]] == ["drain", "evict", "shutdown", "unload",
                                                  "load", "reconfigure", "retag", "reinit"]
     assert all(s["ok"] for s in body["steps"])
+    listing = httpx.get(f"{swap_server.url}/admin/agents", headers=ADMIN).json()
+    cold = {a["agent_id"]: a for a in listing["cold"] if a["model_id"] == home}
+    assert cold[f"expedition-agent-{home}"]["tokens"] >= history_tokens - 1
+    assert cold[f"expedition-agent-{home}"]["state"] == "cold"
     # While the other model is loaded, the agent is served by it, from no cache of home's.
     visit = agent.chat.completions.create(
         model=away, messages=[{"role": "user", "content": "The capital of France is"}],

@@ -6,6 +6,7 @@ a 401, compared in constant time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -80,10 +81,14 @@ async def swaps(request: Request) -> JSONResponse:
 async def agents(request: Request) -> JSONResponse:
     server = require_admin(request)
     hot = await server.engine_call(server.store.hot_agents)
+    cold = await asyncio.to_thread(server.store.cold_agents)
+    tag = server.store.tag
     return JSONResponse({
-        "hot": [{"agent_id": agent, "tokens": tokens,
-                 "bytes": server.pool.dims.cache_bytes(tokens)} for agent, tokens in hot.items()],
-        "cold_files": len(server.store.cold_files()),
+        "hot": [{"agent_id": agent, "state": "hot", "tokens": tokens,
+                 "bytes": server.pool.dims.cache_bytes(tokens),
+                 "model_id": tag.model_id if tag else None, "tag": tag.digest if tag else None}
+                for agent, tokens in hot.items()],
+        "cold": [{**summary, "state": "cold"} for summary in cold],
         "lookups": dict(server.store.lookups),
     })
 

@@ -25,6 +25,7 @@ from semantic_server.cache.cache_file import (
     CacheTag,
     agent_file_name,
     read_cache,
+    read_summary,
     write_cache,
 )
 
@@ -193,6 +194,17 @@ class AgentCacheStore:
     def hot_agents(self) -> dict[str, int]:
         """Resident agents and their token counts, least recently used first."""
         return {agent_id: len(self._hot[agent_id].tokens) for agent_id in self.pool.agents()}
+
+    def cold_agents(self) -> list[dict[str, Any]]:
+        """Every cold cache on disk, from the files' headers (a file that cannot be read is
+        left for the next request of its agent to reject)."""
+        summaries = []
+        for path in self.cold_files():
+            try:
+                summaries.append(read_summary(path))
+            except Exception as exc:  # any damage: reported, not fatal
+                log.warning("unreadable cache file %s: %s", path.name, exc)
+        return summaries
 
     def hot_bytes(self) -> int:
         return sum(self.pool.dims.cache_bytes(n) for n in self.hot_agents().values()) \

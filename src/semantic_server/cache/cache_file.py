@@ -139,6 +139,18 @@ def write_cache(path: Path, tag: CacheTag, agent_id: str, layers: list[Any],
     return path.stat().st_size
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    """Agent, token count, model and size of a cache file from its header, no arrays read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+    tag = CacheTag.from_json(metadata["tag"])
+    return {"agent_id": metadata["agent_id"], "tokens": int(metadata["token_count"]),
+            "bytes": path.stat().st_size, "model_id": tag.model_id, "tag": tag.digest,
+            "written_at": float(metadata["written_at"])}
+
+
 @dataclass
 class LoadedCache:
     agent_id: str

@@ -1,0 +1,114 @@
+"""BlockPool, cache files and the AgentCacheStore, without a model: real mlx-lm cache
+objects holding small arrays."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from semantic_server.cache.agent_store import AgentCache, AgentCacheStore
+from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_file import (
+    CacheFileError,
+    CacheTag,
+    agent_file_name,
+    read_cache,
+    write_cache,
+)
+from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
+
+DIMS = ModelDims(2, 1, 8, "float32", (LayerCache(LayerKind.GLOBAL),
+                                       LayerCache(LayerKind.SLIDING, 16)))
+TAG = CacheTag("tiny", "f00d", 2, 1, 8, 4, "float32", (None, 16))
+
+
+def _layers(tokens: int) -> list:
+    """A global and a sliding layer that have seen ``tokens`` tokens."""
+    glob, slide = KVCache(), RotatingKVCache(max_size=16)
+    for start in range(0, tokens, 5):
+        n = min(5, tokens - start)
+        k = mx.arange(start, start + n, dtype=mx.float32).reshape(1, 1, n, 1) * mx.ones(
+            (1, 1, n, 8))
+        glob.update_and_fetch(k, k + 1)
+        slide.update_and_fetch(k, k + 1)
+    return [glob, slide]
+
+
+def test_block_pool_counts_blocks_and_picks_lru_victims():
+    pool = BlockPool(budget_bytes=DIMS.bytes_per_token * 4 * 10, block_tokens=4, dims=DIMS)
+    assert pool.capacity == 10
+    # 40 tokens: the global layer holds 40, the sliding one 16 -> 56 layer-tokens of 64 bytes
+    assert pool.blocks_for(40) == 7
+    pool.allocate("a", 8)
+    pool.allocate("b", 8)
+    pool.allocate("c", 8)
+    assert pool.used == 6 and pool.free == 4
+    assert pool.victims_for(20) == ["a"]
+    assert pool.victims_for(10_000) is None
+    with pytest.raises(RuntimeError):
+        pool.reconfigure(DIMS)
+
+
+def test_cache_file_round_trip_trims_and_keeps_offsets(tmp_path):
+    layers = _layers(23)
+    path = tmp_path / "t" / agent_file_name("agent-1")
+    size = write_cache(path, TAG, "agent-1", layers, list(range(23)))
+    assert size == path.stat().st_size
+    assert not list(path.parent.glob(".*tmp*"))
+    loaded = read_cache(path)
+    assert loaded.tag == TAG and loaded.agent_id == "agent-1" and loaded.tokens == list(range(23))
+    glob, slide = loaded.layers
+    assert glob.offset == 23 and glob.keys.shape[2] == 23  # trimmed from the 256-step buffer
+    assert slide.offset == 23 and slide.max_size == 16
+    assert mx.array_equal(glob.state[0], layers[0].state[0][..., :23, :]).item()
+    assert mx.array_equal(slide.keys, layers[1].keys).item()
+
+
+def test_damaged_file_is_a_cache_file_error(tmp_path):
+    path = tmp_path / agent_file_name("agent-1")
+    write_cache(path, TAG, "agent-1", _layers(5), list(range(5)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheFileError):
+        read_cache(path)
+
+
+def test_store_evicts_lru_to_disk_and_restores(tmp_path):
+    pool = BlockPool(budget_bytes=DIMS.bytes_per_token * 4 * 5, block_tokens=4, dims=DIMS)
+    store = AgentCacheStore(pool, tmp_path)
+    store.retag(TAG)
+    for agent in ("a", "b", "c"):
+        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+    assert list(store.hot_agents()) == ["b", "c"]  # "a" went to disk to make room
+    assert (tmp_path / TAG.digest / agent_file_name("a")).exists()
+    back = store.checkout("a")
+    assert back is not None and back.tokens == list(range(8)) and store.lookups["disk"] == 1
+    assert store.checkout("nobody") is None and store.lookups["miss"] == 1
+    assert store.checkout("c") is not None and store.lookups["hot"] == 1
+
+
+def test_store_rejects_other_dims_and_quarantines(tmp_path):
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
+    store = AgentCacheStore(pool, tmp_path)
+    store.retag(TAG)
+    other = CacheTag("other", "beef", 2, 1, 8, 4, "float32", (None, None))
+    write_cache(tmp_path / TAG.digest / agent_file_name("a"), other, "a", _layers(4),
+                list(range(4)))
+    assert store.checkout("a") is None
+    assert store.lookups["rejected"] == 1
+    reasons = list((tmp_path / "quarantine").glob("*.reason.txt"))
+    assert len(reasons) == 1 and "dims differ" in reasons[0].read_text()
+
+
+def test_disk_budget_deletes_the_oldest_cold_caches(tmp_path):
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
+    one_file = write_cache(tmp_path / "probe" / "x.safetensors", TAG, "x", _layers(8),
+                           list(range(8)))
+    store = AgentCacheStore(pool, tmp_path / "caches", disk_budget_bytes=int(one_file * 2.5))
+    store.retag(TAG)
+    for agent in ("a", "b", "c", "d"):
+        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+        store.evict_all()
+    names = {p.name for p in store.cold_files()}
+    assert names == {agent_file_name("c"), agent_file_name("d")}
