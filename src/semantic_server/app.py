@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 
 from semantic_server.api import admin_routes, openai_routes, ops_routes
 from semantic_server.api.errors import error_response, handle_any
+from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
@@ -33,7 +34,8 @@ from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.service import GenerationService
 from semantic_server.errors import SemanticServerError
 from semantic_server.models.catalog import ModelCatalog
-from semantic_server.models.registry import LoadedModel, ModelRegistry
+from semantic_server.models.registry import LoadedModel, MemorySnapshot, ModelRegistry
+from semantic_server.observability import Metrics, configure_logging
 from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 log = logging.getLogger("semantic_server")
@@ -52,6 +54,7 @@ class ServerContext:
     gate: AdmissionGate
     service: GenerationService
     orchestrator: ModelSwapOrchestrator
+    metrics: Metrics
 
     async def engine_call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread (it owns every MLX array and the caches)."""
@@ -96,8 +99,18 @@ async def start_server(settings: Settings) -> ServerContext:
     orchestrator = ModelSwapOrchestrator(catalog=catalog, registry=registry, engine=engine,
                                          pool=pool, store=store, gate=gate,
                                          block_tokens=settings.block_tokens)
+    def read_state() -> dict[str, Any]:
+        loaded = engine.loaded
+        memory = MemorySnapshot.now()
+        return {"model_id": loaded.model_id if loaded else None,
+                "tag": store.tag.digest if store.tag else None,
+                "lookups": dict(store.lookups), **store.residency(),
+                "blocks_used": pool.used, "blocks_free": pool.free,
+                "in_flight": gate.in_flight, "held": gate.held,
+                "mlx_active": memory.active_bytes, "rss": memory.rss_bytes}
+
     return ServerContext(settings, catalog, registry, engine, pool, store, gate, service,
-                         orchestrator)
+                         orchestrator, Metrics(read_state))
 
 
 async def stop_server(server: ServerContext) -> None:
@@ -125,7 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await stop_server(app.state.server)
 
-    return Starlette(
+    app = Starlette(
         routes=[*openai_routes.routes, *admin_routes.routes, *ops_routes.routes],
         lifespan=lifespan,
         exception_handlers={
@@ -135,9 +148,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: handle_any,
         },
     )
+    app.add_middleware(RequestIdMiddleware)
+    return app
 
 
 def run(settings: Settings) -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    configure_logging()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                log_config=None, access_log=False)

@@ -1,4 +1,4 @@
-"""The ``semantic-server`` command: serve, and manage the local models.
+"""The ``semantic-server`` command: serve, manage local models, drive a running server.
 
 Errors the user can fix (a bad GGUF, an unknown model) print one line and exit 1; only
 bugs show a traceback.
@@ -12,6 +12,10 @@ from pathlib import Path
 
 from semantic_server.config import Settings
 from semantic_server.errors import SemanticServerError
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -47,6 +51,69 @@ def _models_import(args: argparse.Namespace, settings: Settings) -> None:
         print(f"  stored as float16: {note}")
 
 
+def _admin(settings: Settings, url: str | None, method: str, path: str,
+           body: dict | None = None, timeout: float = 600) -> dict:
+    """Call the running server's admin API with the key from SEMANTIC_ADMIN_KEY."""
+    import httpx
+
+    base = url or f"http://{settings.host}:{settings.port}"
+    key = settings.admin_key.get_secret_value() if settings.admin_key else ""
+    try:
+        response = httpx.request(method, f"{base}{path}", json=body, timeout=timeout,
+                                 headers={"X-Admin-Key": key})
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the server at {base}: {exc}") from exc
+    data = response.json()
+    if "error" in data:
+        raise CliError(f"{response.status_code}: {data['error']['message']}")
+    return data
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
+
+
+def _swap(args: argparse.Namespace, settings: Settings) -> None:
+    result = _admin(settings, args.url, "POST", "/admin/models/swap",
+                    {"model_id": args.model, "timeout_seconds": args.timeout})
+    print(f"{result['status']}: {result['message']} ({result['duration_ms'] / 1e3:.2f} s, "
+          f"{result['evicted_agents']} agent caches written to disk)")
+    rows = [["step", "ms", "ok"]] + [[s["name"], f"{s['duration_ms']:.1f}", str(s["ok"])]
+                                    for s in result["steps"]]
+    print(_table(rows))
+    if result["status"] != "success":
+        raise CliError(f"swap {result['status']}")
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> None:
+    current = _admin(settings, args.url, "GET", "/admin/models/current", timeout=30)
+    dims = current["dims"] or {}
+    pool = current["kv_pool"]
+    rows = [["model", str(current["model_id"])], ["state", current["state"]],
+            ["dims", f"{dims.get('n_layers')} layers x {dims.get('n_kv_heads')} KV heads x "
+                     f"{dims.get('head_dim')} ({dims.get('kv_dtype')})"],
+            ["cache tag", str(current["tag"])],
+            ["KV pool", f"{pool['used_blocks']}/{pool['capacity_blocks']} blocks of "
+                        f"{pool['block_tokens']} tokens"],
+            ["MLX active", f"{current['memory']['mlx_active_bytes'] / 2**20:.0f} MiB"],
+            ["RSS", f"{current['memory']['rss_bytes'] / 2**20:.0f} MiB"]]
+    if current.get("reason"):
+        rows.append(["reason", current["reason"]])
+    print(_table(rows))
+
+
+def _agents(args: argparse.Namespace, settings: Settings) -> None:
+    listing = _admin(settings, args.url, "GET", "/admin/agents", timeout=30)
+    rows = [["agent", "state", "model", "tokens", "MiB"]]
+    for agent in listing["hot"] + listing["cold"]:
+        rows.append([agent["agent_id"], agent["state"], str(agent["model_id"]),
+                     str(agent["tokens"]), f"{agent['bytes'] / 2**20:.1f}"])
+    print(_table(rows) if len(rows) > 1 else "no agent caches")
+    print("lookups: " + ", ".join(f"{k} {v}" for k, v in sorted(listing["lookups"].items())))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semantic-server", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=_serve)
+
+    for name, run, help_text in (("swap", _swap, "swap the running server's model"),
+                                 ("status", _status, "the running server's model and state"),
+                                 ("agents", _agents, "the running server's agent caches")):
+        command = commands.add_parser(name, help=help_text)
+        if name == "swap":
+            command.add_argument("model", help="model id to swap to")
+            command.add_argument("--timeout", type=float, default=60.0,
+                                 help="seconds to wait for running requests")
+        command.add_argument("--url", help="server URL (default: SEMANTIC_HOST:SEMANTIC_PORT)")
+        command.set_defaults(run=run)
 
     models = commands.add_parser("models", help="list or import local models")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -74,5 +152,5 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args, Settings())
-    except SemanticServerError as exc:
+    except (SemanticServerError, CliError) as exc:
         sys.exit(f"semantic-server: {exc}")

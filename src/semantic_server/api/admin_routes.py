@@ -41,6 +41,7 @@ async def swap(request: Request) -> JSONResponse:
     server = require_admin(request)
     body = SwapRequest.model_validate(await read_json(request, server.settings.max_body_bytes))
     result = await server.orchestrator.swap(body.model_id, body.timeout_seconds)
+    server.metrics.observe_swap(result.as_dict())
     status = {"success": 200, "rolled_back": 500, "degraded": 500}[result.status]
     return JSONResponse(result.as_dict(), status_code=status)
 

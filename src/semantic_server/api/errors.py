@@ -62,6 +62,8 @@ def from_validation(exc: ValidationError) -> JSONResponse:
 
 async def handle_any(request: Request, exc: Exception) -> JSONResponse:
     """Starlette exception handler: every error leaves as OpenAI-style JSON."""
-    if isinstance(exc, ValidationError):
-        return from_validation(exc)
-    return from_exception(exc)
+    response = from_validation(exc) if isinstance(exc, ValidationError) else from_exception(exc)
+    log.info("request", extra={"fields": {
+        "request_id": getattr(request.state, "request_id", None), "path": request.url.path,
+        "status": response.status_code, "error": type(exc).__name__}})
+    return response

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -17,6 +18,9 @@ from semantic_server.api.schemas import ChatCompletionRequest
 from semantic_server.engine.batch_engine import SamplingParams
 from semantic_server.engine.service import GenerationParams, Outcome
 from semantic_server.errors import InvalidRequest, ModelNotFound, ModelNotLoaded, PayloadTooLarge
+from semantic_server.observability import hash_agent
+
+log = logging.getLogger(__name__)
 
 AGENT_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
@@ -64,6 +68,20 @@ def check_model(request: Request, requested: str | None) -> None:
     raise ModelNotFound(f"model {requested!r} does not exist")
 
 
+def record(request: Request, agent: str | None, outcome: Outcome) -> None:
+    """Metrics and one structured log line for a finished request."""
+    seconds = time.perf_counter() - outcome.started
+    request.app.state.server.metrics.observe_request(
+        outcome.model_id, outcome.prompt_tokens, outcome.cached_tokens,
+        outcome.completion_tokens, outcome.ttft_seconds, seconds)
+    log.info("request", extra={"fields": {
+        "request_id": getattr(request.state, "request_id", None), "agent": hash_agent(agent),
+        "model": outcome.model_id, "prompt_tokens": outcome.prompt_tokens,
+        "cached_tokens": outcome.cached_tokens, "generated_tokens": outcome.completion_tokens,
+        "ttft_s": round(outcome.ttft_seconds, 4) if outcome.ttft_seconds else None,
+        "seconds": round(seconds, 4), "finish_reason": outcome.finish_reason, "status": 200}})
+
+
 def _usage(outcome: Outcome) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
@@ -104,6 +122,7 @@ async def chat_completions(request: Request) -> Response:
                 item = await anext(items)
         finally:
             await items.aclose()
+        record(request, agent, item)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created,
             "model": item.model_id,
@@ -114,12 +133,14 @@ async def chat_completions(request: Request) -> Response:
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
     model_id = server.engine.loaded.model_id
     return StreamingResponse(
-        _sse(first, items, completion_id, created, model_id, include_usage),
+        _sse(first, items, completion_id, created, model_id, include_usage,
+             lambda outcome: record(request, agent, outcome)),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse(first: str | Outcome, items: AsyncIterator[str | Outcome], completion_id: str,
-               created: int, model_id: str, include_usage: bool) -> AsyncIterator[str]:
+               created: int, model_id: str, include_usage: bool,
+               on_end: Callable[[Outcome], None]) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None,
               usage: dict[str, Any] | None = None) -> str:
         data: dict[str, Any] = {
@@ -140,6 +161,7 @@ async def _sse(first: str | Outcome, items: AsyncIterator[str | Outcome], comple
             item = await anext(items)
     finally:
         await items.aclose()
+    on_end(item)
     yield chunk({}, item.finish_reason)
     if include_usage:
         yield chunk({}, usage=_usage(item))

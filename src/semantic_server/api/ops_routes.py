@@ -1,9 +1,12 @@
-"""Operational routes: ``GET /health``."""
+"""Operational routes: ``GET /health`` and ``GET /metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from semantic_server.blas import blas_status
@@ -27,4 +30,11 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503 if gate.state is ServerState.DEGRADED else 200)
 
 
-routes = [Route("/health", health, methods=["GET"])]
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.server.metrics.registry
+    body = await asyncio.to_thread(generate_latest, registry)  # reads cache files' sizes
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [Route("/health", health, methods=["GET"]),
+          Route("/metrics", metrics, methods=["GET"])]

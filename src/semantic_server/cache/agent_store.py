@@ -206,6 +206,11 @@ class AgentCacheStore:
                 log.warning("unreadable cache file %s: %s", path.name, exc)
         return summaries
 
-    def hot_bytes(self) -> int:
-        return sum(self.pool.dims.cache_bytes(n) for n in self.hot_agents().values()) \
-            if self.pool.dims else 0
+    def residency(self) -> dict[str, int]:
+        """Hot and cold counts and bytes; safe to call from another thread (copies first)."""
+        hot = [len(entry.tokens) for entry in list(self._hot.values())]
+        cold = [path.stat().st_size for path in self.cold_files()]
+        dims = self.pool.dims
+        return {"hot_agents": len(hot), "cold_agents": len(cold),
+                "hot_bytes": sum(dims.cache_bytes(n) for n in hot) if dims else 0,
+                "cold_bytes": sum(cold)}

@@ -9,11 +9,14 @@ until the swap ends or ``hold_seconds`` pass. All methods run on the asyncio loo
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from enum import StrEnum
 
 from semantic_server.errors import ServerBusy, ServiceDegraded
+
+log = logging.getLogger(__name__)
 
 
 class ServerState(StrEnum):
@@ -45,6 +48,7 @@ class AdmissionGate:
     def transition(self, state: ServerState, reason: str = "") -> None:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"server state cannot go from {self.state.value} to {state.value}")
+        log.info("server state", extra={"fields": {"from": self.state.value, "to": state.value}})
         self.state = state
         self.degraded_reason = reason if state is ServerState.DEGRADED else ""
         if state is ServerState.SWAPPING:

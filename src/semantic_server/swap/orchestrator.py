@@ -119,10 +119,13 @@ class ModelSwapOrchestrator:
             value = await step()
         except BaseException as exc:
             result.steps.append(StepTiming(name, (time.perf_counter() - started) * 1e3, False))
-            log.error("swap step %s failed: %s", name, exc)
+            log.error("swap step failed", extra={"fields": {
+                "step": name, "duration_ms": result.steps[-1].duration_ms, "error": str(exc)}})
             raise _StepFailed(name, exc) from exc
         result.steps.append(StepTiming(name, (time.perf_counter() - started) * 1e3, True))
-        log.info("swap step %s: %.1f ms", name, result.steps[-1].duration_ms)
+        log.info("swap step", extra={"fields": {
+            "step": name, "duration_ms": round(result.steps[-1].duration_ms, 2),
+            "from": result.old_model_id, "to": result.new_model_id}})
         return value
 
     async def _bring_up(self, result: SwapResult, model_id: str) -> LoadedModel:
@@ -187,12 +190,13 @@ class ModelSwapOrchestrator:
             result.status = "degraded"
             result.message = f"{reason}; rollback to {old} failed: {exc}"
             self.gate.transition(ServerState.DEGRADED, result.message)
-            log.error("server degraded: %s", result.message)
+            log.error("server state", extra={"fields": {"state": "degraded",
+                                                         "reason": result.message}})
             return
         result.status = "rolled_back"
         result.message = f"{reason}; rolled back to {old}"
         self.gate.transition(ServerState.READY)
-        log.warning("swap rolled back: %s", result.message)
+        log.warning("swap rolled back", extra={"fields": {"reason": result.message}})
 
     def _drop_partial(self) -> None:
         """Engine thread: forget whatever half-finished state the failed swap left."""

@@ -1,0 +1,112 @@
+"""Prometheus metrics and structured JSON logs.
+
+Events (a request finished, a swap ended) are counted when they happen; states (cache
+residency, pool blocks, memory, in-flight requests) are read when Prometheus scrapes, so
+they can never drift from the objects that own them. Each app has its own registry, so
+several servers can live in one process (the experiments, the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+
+
+def hash_agent(agent_id: str | None) -> str | None:
+    """Agent ids can be user names: logs get a short hash instead."""
+    return hashlib.sha256(agent_id.encode()).hexdigest()[:12] if agent_id else None
+
+
+class Metrics:
+    def __init__(self, read_state: Callable[[], dict[str, Any]]):
+        self.registry = CollectorRegistry()
+        self.swaps = Counter("semantic_swaps", "Model swaps by result", ["result"],
+                             registry=self.registry)
+        self.swap_steps = Histogram("semantic_swap_step_seconds", "Duration of each swap step",
+                                    ["step"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("semantic_request_ttft_seconds", "Time to first token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram("semantic_request_seconds", "Request latency, end to end",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("semantic_tokens", "Tokens by kind", ["kind"],
+                              registry=self.registry)
+        self.registry.register(_StateCollector(read_state))
+
+    def observe_request(self, model: str, prompt: int, cached: int, generated: int,
+                        ttft: float | None, seconds: float) -> None:
+        self.tokens.labels("prompt").inc(prompt)
+        self.tokens.labels("cached").inc(cached)
+        self.tokens.labels("generated").inc(generated)
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+        self.latency.labels(model).observe(seconds)
+
+    def observe_swap(self, result: dict[str, Any]) -> None:
+        self.swaps.labels(result["status"]).inc()
+        for step in result["steps"]:
+            self.swap_steps.labels(step["name"]).observe(step["duration_ms"] / 1e3)
+
+
+class _StateCollector(Collector):
+    """Gauges (and the cache lookup counters the store keeps) read at scrape time."""
+
+    def __init__(self, read_state: Callable[[], dict[str, Any]]):
+        self.read_state = read_state
+
+    def collect(self) -> Iterator[Any]:
+        state = self.read_state()
+        info = InfoMetricFamily("semantic_model", "The loaded model")
+        if state["model_id"]:
+            info.add_metric([], {"model_id": state["model_id"], "tag": state["tag"] or ""})
+        yield info
+        lookups = CounterMetricFamily("semantic_cache_lookups", "Agent cache lookups by outcome",
+                                      labels=["outcome"])
+        for outcome in ("hot", "disk", "miss", "rejected"):
+            lookups.add_metric([outcome], state["lookups"].get(outcome, 0))
+        yield lookups
+        for name, doc, labels, values in (
+            ("semantic_agents", "Agents with a cache, by residency", ["residency"],
+             {("hot",): state["hot_agents"], ("cold",): state["cold_agents"]}),
+            ("semantic_agent_cache_bytes", "Bytes of agent caches, by residency", ["residency"],
+             {("hot",): state["hot_bytes"], ("cold",): state["cold_bytes"]}),
+            ("semantic_kv_blocks", "KV pool blocks", ["state"],
+             {("used",): state["blocks_used"], ("free",): state["blocks_free"]}),
+            ("semantic_requests_in_flight", "Requests running", ["model"],
+             {(state["model_id"] or "none",): state["in_flight"]}),
+            ("semantic_requests_held", "Requests waiting for a swap to end", [],
+             {(): state["held"]}),
+            ("semantic_memory_bytes", "Memory", ["kind"],
+             {("mlx_active",): state["mlx_active"], ("rss",): state["rss"]}),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            for label_values, value in values.items():
+                family.add_metric(list(label_values), value)
+            yield family
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(time.time(), 3), "level": record.levelname.lower(),
+                 "logger": record.name, "event": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)

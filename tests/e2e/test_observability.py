@@ -1,0 +1,119 @@
+"""Prometheus metrics, structured logs and request ids, on a real server process."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import SMOLLM2
+from tests.e2e.server import ServerProcess
+from tests.e2e.test_swap import ADMIN, GREEDY, KEY, swap
+
+
+def scrape(server: ServerProcess) -> dict[tuple, float]:
+    response = httpx.get(f"{server.url}/metrics", timeout=30)
+    assert response.status_code == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_logs_and_request_ids(models_dir, tmp_path):
+    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path)).start()
+    try:
+        before = scrape(server)
+        assert value(before, "semantic_model_info", model_id=SMOLLM2,
+                     tag=json.loads(httpx.get(f"{server.url}/admin/models/current",
+                                              headers=ADMIN).text)["tag"]) == 1
+        client = server.client("observed-agent")
+        messages = [{"role": "user", "content": "Name a colour."}]
+        first = client.chat.completions.with_raw_response.create(
+            model=SMOLLM2, messages=messages, max_tokens=4, extra_headers={
+                "X-Request-ID": "my-request-1"}, **GREEDY)
+        assert first.headers["x-request-id"] == "my-request-1"
+        reply = first.parse()
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": "Another one."}]
+        client.chat.completions.create(model=SMOLLM2, messages=messages, max_tokens=4,
+                                       **GREEDY)
+        generated = httpx.get(f"{server.url}/health").headers["x-request-id"]
+        assert generated.startswith("req-")
+
+        after_turns = scrape(server)
+        assert value(after_turns, "semantic_cache_lookups_total", outcome="hot") == \
+            value(before, "semantic_cache_lookups_total", outcome="hot") + 1
+        assert value(after_turns, "semantic_cache_lookups_total", outcome="miss") >= 1
+        assert value(after_turns, "semantic_tokens_total", kind="cached") > 0
+        assert value(after_turns, "semantic_tokens_total", kind="generated") >= 2
+        assert value(after_turns, "semantic_request_ttft_seconds_count", model=SMOLLM2) == 2
+        assert value(after_turns, "semantic_agents", residency="hot") == 1
+        assert value(after_turns, "semantic_kv_blocks", state="used") >= 1
+        assert value(after_turns, "semantic_memory_bytes", kind="mlx_active") > 1e8
+
+        assert swap(server, SMOLLM2).json()["status"] == "success"
+        after_swap = scrape(server)
+        assert value(after_swap, "semantic_swaps_total", result="success") == 1
+        assert value(after_swap, "semantic_swap_step_seconds_count", step="load") == 1
+        assert value(after_swap, "semantic_agents", residency="cold") == 1
+        assert value(after_swap, "semantic_agents", residency="hot") == 0
+
+        server.stop()
+        server.start()
+        messages += [{"role": "assistant", "content": "Blue."},
+                     {"role": "user", "content": "And a third?"}]
+        server.client("observed-agent").chat.completions.create(
+            model=SMOLLM2, messages=messages, max_tokens=4, **GREEDY)
+        assert value(scrape(server), "semantic_cache_lookups_total", outcome="disk") == 1
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.output().splitlines()
+             if line.startswith("{")]
+    requests = [line for line in lines if line["event"] == "request" and line.get("model")]
+    assert any(line["request_id"] == "my-request-1" for line in requests)
+    assert all(line["agent"] != "observed-agent" and len(line["agent"]) == 12
+               for line in requests)
+    assert {"prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "status"} <= \
+        set(requests[0])
+    steps = [line["step"] for line in lines if line["event"] == "swap step"]
+    assert steps[:8] == ["drain", "evict", "shutdown", "unload", "load", "reconfigure",
+                         "retag", "reinit"]
+    assert any(line["event"] == "server state" and line.get("to") == "swapping"
+               for line in lines)
+
+
+def test_cli_drives_a_running_server(models_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path)).start()
+    env = {**os.environ, "SEMANTIC_ADMIN_KEY": KEY}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "semantic_server", *args, "--url",
+                               server.url], env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        server.client("cli-agent").chat.completions.create(
+            model=SMOLLM2, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        status = cli("status")
+        assert status.returncode == 0 and SMOLLM2 in status.stdout and "ready" in status.stdout
+        agents = cli("agents")
+        assert "cli-agent" in agents.stdout and "hot" in agents.stdout
+        swapped = cli("swap", SMOLLM2)
+        assert swapped.returncode == 0 and "success" in swapped.stdout
+        assert all(step in swapped.stdout for step in ("drain", "evict", "reinit"))
+        assert "cold" in cli("agents").stdout
+        unknown = cli("swap", "no-such-model")
+        assert unknown.returncode == 1 and "404" in unknown.stderr
+        env["SEMANTIC_ADMIN_KEY"] = "wrong"
+        denied = cli("status")
+        assert denied.returncode == 1 and "401" in denied.stderr
+    finally:
+        server.stop()
