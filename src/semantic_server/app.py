@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from semantic_server.api import admin_routes, openai_routes, ops_routes
+from semantic_server.api import admin_routes, anthropic_routes, openai_routes, ops_routes
 from semantic_server.api.errors import error_response, handle_any
 from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
@@ -139,7 +139,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await stop_server(app.state.server)
 
     app = Starlette(
-        routes=[*openai_routes.routes, *admin_routes.routes, *ops_routes.routes],
+        routes=[*openai_routes.routes, *anthropic_routes.routes, *admin_routes.routes,
+                *ops_routes.routes],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,

@@ -77,3 +77,41 @@ class ChatCompletionRequest(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class AnthropicMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class AnthropicMetadata(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    user_id: str | None = None
+
+
+class MessagesRequest(BaseModel):
+    """Anthropic's Messages API: max_tokens is required, the system prompt is separate."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int = Field(ge=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextPart] | None = None
+    stop_sequences: list[str] | None = Field(None, max_length=4)
+    temperature: float = Field(1.0, ge=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream: bool = False
+    metadata: AnthropicMetadata | None = None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        system = self.system if isinstance(self.system, str) or self.system is None else \
+            "".join(part.text for part in self.system)
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [{"role": m.role, "content": m.text()} for m in self.messages]

@@ -41,6 +41,7 @@ class Outcome:
 
     model_id: str
     finish_reason: str = "stop"
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -56,17 +57,19 @@ class StopStrings:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.matched: str | None = None
 
     def feed(self, segment: str) -> str:
         """Text that is safe to send now."""
         if self.stopped:
             return ""
         self.text += segment
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops)
-                if i >= 0]
+        hits = [(i, s) for s in self.stops
+                if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
         if hits:
             self.stopped = True
-            return self._send_to(min(hits))
+            index, self.matched = min(hits)
+            return self._send_to(index)
         hold = max((k for s in self.stops for k in range(1, len(s))
                     if self.text.endswith(s[:k])), default=0)
         return self._send_to(len(self.text) - hold)
@@ -166,6 +169,7 @@ class GenerationService:
                     if text := stops.feed(detokenizer.last_segment) + stops.flush():
                         yield text
                     outcome.finish_reason = "stop" if stops.stopped else event.reason
+                    outcome.stop_sequence = stops.matched
                     yield outcome
                     return
                 elif isinstance(event, Failed):

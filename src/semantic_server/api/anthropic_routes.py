@@ -1,0 +1,103 @@
+"""Anthropic's Messages API, ``POST /v1/messages``, on the same engine and agent caches.
+
+The agent is named as for chat completions (``X-Agent-ID``, ...) or by
+``metadata.user_id``. ``usage.cache_read_input_tokens`` reports the tokens served from the
+agent's cache; ``input_tokens`` counts the rest, as Anthropic's API does.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from semantic_server.api.openai_routes import agent_id_of, check_model, read_json, record
+from semantic_server.api.schemas import MessagesRequest
+from semantic_server.engine.batch_engine import SamplingParams
+from semantic_server.engine.service import GenerationParams, Outcome
+from semantic_server.errors import InvalidRequest
+
+STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
+
+
+def _stop_reason(outcome: Outcome) -> str:
+    return "stop_sequence" if outcome.stop_sequence else STOP_REASONS.get(
+        outcome.finish_reason, "end_turn")
+
+
+def _usage(outcome: Outcome) -> dict[str, int]:
+    return {"input_tokens": outcome.prompt_tokens - outcome.cached_tokens,
+            "output_tokens": outcome.completion_tokens,
+            "cache_read_input_tokens": outcome.cached_tokens,
+            "cache_creation_input_tokens": 0}
+
+
+async def messages(request: Request) -> Response:
+    server = request.app.state.server
+    body = await read_json(request, server.settings.max_body_bytes)
+    chat = MessagesRequest.model_validate(body)
+    user = chat.metadata.user_id if chat.metadata else None
+    agent = agent_id_of(request, {"user": user} if user else {})
+    check_model(request, chat.model)
+    if chat.max_tokens > server.settings.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens is limited to {server.settings.max_tokens_limit}",
+                             param="max_tokens")
+    params = GenerationParams(max_tokens=chat.max_tokens,
+                              sampling=SamplingParams(chat.temperature, chat.top_p),
+                              stop=tuple(chat.stop_sequences or ()))
+    items = server.service.generate(agent, chat.template_messages(), params)
+    message_id = f"msg_{uuid.uuid4().hex}"
+    first = await anext(items)  # refusals keep their HTTP status, as for chat completions
+    model_id = server.engine.loaded.model_id
+    if not chat.stream:
+        text, item = [], first
+        try:
+            while not isinstance(item, Outcome):
+                text.append(item)
+                item = await anext(items)
+        finally:
+            await items.aclose()
+        record(request, agent, item)
+        return JSONResponse({
+            "id": message_id, "type": "message", "role": "assistant", "model": item.model_id,
+            "content": [{"type": "text", "text": "".join(text)}],
+            "stop_reason": _stop_reason(item), "stop_sequence": item.stop_sequence,
+            "usage": _usage(item)})
+    return StreamingResponse(
+        _events(first, items, message_id, model_id, lambda o: record(request, agent, o)),
+        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _events(first: str | Outcome, items: AsyncIterator[str | Outcome], message_id: str,
+                  model_id: str, on_end: Callable[[Outcome], None]) -> AsyncIterator[str]:
+    def event(name: str, data: dict[str, Any]) -> str:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+
+    yield event("message_start", {"message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model_id,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 0, "output_tokens": 0}}})
+    yield event("content_block_start", {"index": 0,
+                                        "content_block": {"type": "text", "text": ""}})
+    item = first
+    try:
+        while not isinstance(item, Outcome):
+            yield event("content_block_delta", {"index": 0,
+                                                "delta": {"type": "text_delta", "text": item}})
+            item = await anext(items)
+    finally:
+        await items.aclose()
+    on_end(item)
+    yield event("content_block_stop", {"index": 0})
+    yield event("message_delta", {"delta": {"stop_reason": _stop_reason(item),
+                                            "stop_sequence": item.stop_sequence},
+                                  "usage": _usage(item)})
+    yield event("message_stop", {})
+
+
+routes = [Route("/v1/messages", messages, methods=["POST"])]
