@@ -56,7 +56,7 @@ def warm_agents(harness: Harness, count: int, tokens: int) -> None:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     repetitions = 1 if args.quick else 3
-    agent_counts = (0, 2) if args.quick else (0, 8, 32)
+    agent_counts = (2,) if args.quick else (0, 8, 32)
     agent_tokens = 64 if args.quick else 200
     harness = Harness(SMOLLM2)
     runs = []

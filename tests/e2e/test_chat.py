@@ -194,6 +194,9 @@ BAD_REQUESTS = [
     ("negative max_tokens", {"messages": FRANCE, "max_tokens": -5}, {}, 400, "max_tokens"),
     ("huge max_tokens", {"messages": FRANCE, "max_tokens": 10**9}, {}, 400, "max_tokens"),
     ("temperature as text", {"messages": FRANCE, "temperature": "hot"}, {}, 400, "temperature"),
+    ("negative seed", {"messages": FRANCE, "seed": -1, "temperature": 1}, {}, 400, "seed"),
+    ("seed beyond 63 bits", {"messages": FRANCE, "seed": 2**64}, {}, 400, "seed"),
+    ("deeply nested json", b"[" * 50_000 + b"]" * 50_000, {}, 400, None),
     (
         "oversized body",
         {"messages": [{"role": "user", "content": "x" * (5 * 2**20)}]},

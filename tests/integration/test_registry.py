@@ -34,7 +34,7 @@ def test_smollm2_answers_paris(registry):
     assert "Paris" in answer
 
 
-def test_gemma_puts_paris_in_top5(registry):
+def test_gemma_puts_paris_in_top5_and_has_its_dims(registry):
     loaded = registry.load(GEMMA)
     ids = loaded.tokenizer.encode("The capital of France is")
     assert ids[0] == 2, "Gemma prompts must start with BOS"
@@ -42,19 +42,18 @@ def test_gemma_puts_paris_in_top5(registry):
     top5 = [loaded.tokenizer.decode([t]) for t in mx.argsort(-logits)[:5].tolist()]
     print(top5)
     assert " Paris" in top5
-
-
-def test_dims_of_both_models(registry):
-    smol = registry.load(SMOLLM2).dims
-    assert (smol.n_layers, smol.n_kv_heads, smol.head_dim) == (30, 3, 64)
-    assert all(layer.kind is LayerKind.GLOBAL for layer in smol.layers)
-    assert smol.kv_dtype == "float32"
-    registry.unload()
-    gemma = registry.load(GEMMA).dims
+    gemma = loaded.dims
     assert (gemma.n_layers, gemma.n_kv_heads, gemma.head_dim) == (18, 1, 256)
     assert [i for i, layer in enumerate(gemma.layers) if layer.kind is LayerKind.GLOBAL] \
         == [5, 11, 17]
     assert {layer.window for layer in gemma.layers if layer.kind is LayerKind.SLIDING} == {512}
+
+
+def test_smollm2_dims(registry):
+    smol = registry.load(SMOLLM2).dims
+    assert (smol.n_layers, smol.n_kv_heads, smol.head_dim) == (30, 3, 64)
+    assert all(layer.kind is LayerKind.GLOBAL for layer in smol.layers)
+    assert smol.kv_dtype == "float32"
 
 
 def test_unknown_model_is_not_found(registry):

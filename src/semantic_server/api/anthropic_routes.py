@@ -16,7 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from semantic_server.api.openai_routes import agent_id_of, check_model, read_json, record
+from semantic_server.api.openai_routes import (
+    agent_id_of,
+    check_model,
+    collect,
+    read_json,
+    record,
+)
 from semantic_server.api.schemas import MessagesRequest
 from semantic_server.engine.batch_engine import SamplingParams
 from semantic_server.engine.service import GenerationParams, Outcome
@@ -55,17 +61,11 @@ async def messages(request: Request) -> Response:
     first = await anext(items)  # refusals keep their HTTP status, as for chat completions
     model_id = server.engine.loaded.model_id
     if not chat.stream:
-        text, item = [], first
-        try:
-            while not isinstance(item, Outcome):
-                text.append(item)
-                item = await anext(items)
-        finally:
-            await items.aclose()
+        text, item = await collect(first, items)
         record(request, agent, item)
         return JSONResponse({
             "id": message_id, "type": "message", "role": "assistant", "model": item.model_id,
-            "content": [{"type": "text", "text": "".join(text)}],
+            "content": [{"type": "text", "text": text}],
             "stop_reason": _stop_reason(item), "stop_sequence": item.stop_sequence,
             "usage": _usage(item)})
     return StreamingResponse(

@@ -37,7 +37,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             raise PayloadTooLarge(f"request body over {limit} bytes")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
@@ -82,6 +82,19 @@ def record(request: Request, agent: str | None, outcome: Outcome) -> None:
         "seconds": round(seconds, 4), "finish_reason": outcome.finish_reason, "status": 200}})
 
 
+async def collect(first: str | Outcome, items: AsyncIterator[str | Outcome],
+                  ) -> tuple[str, Outcome]:
+    """The whole text and the outcome of a non-streamed request."""
+    text, item = [], first
+    try:
+        while not isinstance(item, Outcome):
+            text.append(item)
+            item = await anext(items)
+    finally:
+        await items.aclose()
+    return "".join(text), item
+
+
 def _usage(outcome: Outcome) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
@@ -114,20 +127,13 @@ async def chat_completions(request: Request) -> Response:
     # HTTP status even for streams.
     first = await anext(items)
     if not chat.stream:
-        text = []
-        item = first
-        try:
-            while not isinstance(item, Outcome):
-                text.append(item)
-                item = await anext(items)
-        finally:
-            await items.aclose()
+        text, item = await collect(first, items)
         record(request, agent, item)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created,
             "model": item.model_id,
             "choices": [{"index": 0, "finish_reason": item.finish_reason, "logprobs": None,
-                         "message": {"role": "assistant", "content": "".join(text)}}],
+                         "message": {"role": "assistant", "content": text}}],
             "usage": _usage(item),
         })
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)

@@ -93,8 +93,7 @@ class AgentCacheStore:
             self._write(entry)
             return
         for agent_id in victims:
-            self._write(self._hot.pop(agent_id))
-            self.pool.release(agent_id)
+            self._evict(agent_id)
         self._hot[entry.agent_id] = entry
         self.pool.allocate(entry.agent_id, len(entry.tokens))
 
@@ -102,9 +101,17 @@ class AgentCacheStore:
         """Every hot cache to disk (a swap's evict step, and shutdown); returns the agents."""
         agents = self.pool.agents()
         for agent_id in agents:
-            self._write(self._hot.pop(agent_id))
-            self.pool.release(agent_id)
+            self._evict(agent_id)
         return agents
+
+    def _evict(self, agent_id: str) -> None:
+        """Out of memory and out of the pool, whatever happens to the write."""
+        try:
+            entry = self._hot.pop(agent_id, None)
+            if entry is not None:
+                self._write(entry)
+        finally:
+            self.pool.release(agent_id)
 
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
@@ -113,7 +120,7 @@ class AgentCacheStore:
         try:
             write_cache(self._path(self.tag, entry.agent_id), self.tag, entry.agent_id,
                         entry.layers, entry.tokens)
-        except OSError as exc:  # a full disk loses this copy, never an older valid file
+        except Exception as exc:  # a full disk loses this copy, never an older valid file
             self.write_failures += 1
             log.error("could not write the cache of an agent: %s", exc)
             return
@@ -209,7 +216,12 @@ class AgentCacheStore:
     def residency(self) -> dict[str, int]:
         """Hot and cold counts and bytes; safe to call from another thread (copies first)."""
         hot = [len(entry.tokens) for entry in list(self._hot.values())]
-        cold = [path.stat().st_size for path in self.cold_files()]
+        cold = []
+        for path in self.cold_files():
+            try:
+                cold.append(path.stat().st_size)
+            except FileNotFoundError:  # deleted by the disk budget meanwhile
+                continue
         dims = self.pool.dims
         return {"hot_agents": len(hot), "cold_agents": len(cold),
                 "hot_bytes": sum(dims.cache_bytes(n) for n in hot) if dims else 0,

@@ -191,14 +191,20 @@ class BatchEngine:
         while not self._stopping:
             busy = bool(self._jobs) and not self._paused
             try:
-                command = self._commands.get(block=not busy)
-                command()
+                self._execute(self._commands.get(block=not busy))
                 while True:  # drain what else arrived before stepping again
-                    self._commands.get_nowait()()
+                    self._execute(self._commands.get_nowait())
             except queue.Empty:
                 pass
             if self._jobs and not self._paused and not self._stopping:
                 self._step()
+
+    def _execute(self, command: Callable[[], None]) -> None:
+        """Run one command; a failing command is logged, never the end of the thread."""
+        try:
+            command()
+        except Exception:
+            log.exception("engine command failed")
 
     def _stop(self) -> None:
         for job in list(self._jobs.values()):
@@ -228,13 +234,17 @@ class BatchEngine:
         if self._generator is None or self._loaded is None:
             job.emit(Failed(RuntimeError("no model is loaded")))
             return
+        cache, cached = None, 0
         try:
+            sampler = _make_sampler(job.sampling)
             cache, cached = self._take_cache(job)
             (uid,) = self._generator.insert(
                 [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
-                all_tokens=[job.prompt[:cached]], samplers=[_make_sampler(job.sampling)])
-        except Exception as exc:  # a bad job must not take the engine down
+                all_tokens=[job.prompt[:cached]], samplers=[sampler])
+        except Exception as exc:  # a bad job must not take the engine or its cache down
             log.exception("could not admit request %s", job.request_id)
+            if cache is not None:
+                self._checkin(job, cache, job.prompt[:cached])
             job.emit(Failed(exc))
             return
         self._jobs[uid] = job
@@ -256,6 +266,8 @@ class BatchEngine:
 
     def _checkin(self, job: Job, cache: list[Any], tokens: list[int]) -> None:
         tokens = list(tokens)
+        if not tokens:  # cancelled before any prefill: nothing worth keeping
+            return
         if job.agent_id is None:
             self._shared.insert_cache(self._loaded.model_id, tokens, cache)
         else:
@@ -274,10 +286,15 @@ class BatchEngine:
             job = self._jobs.get(response.uid)
             if job is None:
                 continue
-            if response.finish_reason is None:
-                job.emit(TokenOut(response.token))
-                continue
-            if response.finish_reason == "length":
-                job.emit(TokenOut(response.token))  # a stop token is not part of the text
-            self._checkin(job, response.prompt_cache, response.all_tokens)
-            self._finish(response.uid, Finished(response.finish_reason))
+            try:
+                if response.finish_reason is None:
+                    job.emit(TokenOut(response.token))
+                    continue
+                if response.finish_reason == "length":
+                    job.emit(TokenOut(response.token))  # a stop token is not part of the text
+                self._checkin(job, response.prompt_cache, response.all_tokens)
+                self._finish(response.uid, Finished(response.finish_reason))
+            except Exception as exc:  # fail this job only
+                log.exception("could not finish request %s", job.request_id)
+                if response.uid in self._jobs:
+                    self._finish(response.uid, Failed(exc))

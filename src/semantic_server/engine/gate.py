@@ -61,8 +61,12 @@ class AdmissionGate:
         """Run the body as one in-flight request, waiting out a swap first."""
         if not self._open.is_set():
             self.held += 1
+            deadline = asyncio.get_running_loop().time() + self.hold_seconds
             try:
-                await asyncio.wait_for(self._open.wait(), self.hold_seconds)
+                # Another swap may close the gate again between our wake-up and our turn.
+                while not self._open.is_set():
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    await asyncio.wait_for(self._open.wait(), max(remaining, 0))
             except TimeoutError:
                 raise ServerBusy("a model swap is in progress; retry shortly",
                                  retry_after=max(1, round(self.hold_seconds))) from None

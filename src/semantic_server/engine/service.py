@@ -12,8 +12,11 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
+
+from jinja2.exceptions import TemplateError
 
 from semantic_server.engine.batch_engine import (
     BatchEngine,
@@ -93,8 +96,8 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` through the model's chat template."""
     try:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    except ValueError as exc:  # transformers' way of saying there is no template
-        raise InvalidRequest(f"the loaded model cannot format chat messages: {exc}") from exc
+    except (ValueError, TypeError, TemplateError) as exc:  # no template, or it refused these
+        raise InvalidRequest(f"the loaded model cannot format these messages: {exc}") from exc
 
 
 class GenerationService:
@@ -113,16 +116,17 @@ class GenerationService:
                        params: GenerationParams) -> AsyncIterator[str | Outcome]:
         """Text deltas, then one Outcome. Closing the iterator early cancels the job."""
         if agent_id is None:
-            async with self.gate.admit():
-                async for item in self._run(agent_id, messages, params):
+            async with self.gate.admit(), aclosing(self._run(agent_id, messages, params)) as run:
+                async for item in run:
                     yield item
             return
         # One request per agent: the lock lives while anyone holds or waits for it.
         users = self._agent_locks.setdefault(agent_id, _AgentLock())
         users.count += 1
         try:
-            async with users.lock, self.gate.admit():
-                async for item in self._run(agent_id, messages, params):
+            async with users.lock, self.gate.admit(), \
+                    aclosing(self._run(agent_id, messages, params)) as run:
+                async for item in run:
                     yield item
         finally:
             users.count -= 1

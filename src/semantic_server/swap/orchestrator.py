@@ -107,7 +107,8 @@ class ModelSwapOrchestrator:
         if self._lock.locked():
             raise SwapInProgress("another swap is in progress")
         async with self._lock:
-            self.preflight(model_id)
+            # Resolving may read files or download a hub repo: not on the event loop.
+            await asyncio.to_thread(self.preflight, model_id)
             result = await self._swap(model_id, timeout_seconds)
             self.history.append(result)
             return result
