@@ -39,7 +39,7 @@ def read_seconds(path) -> tuple[float, float]:
 
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
-    lengths = (128, 256) if args.quick else (512, 1024, 2048, 4096)
+    lengths = (64, 128) if args.quick else (512, 1024, 2048, 4096)
     harness = Harness(SMOLLM2, max_context_tokens=8192)
     rows = []
     try:

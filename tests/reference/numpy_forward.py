@@ -26,6 +26,7 @@ Public API: :func:`reference_logits`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +115,19 @@ def _read_config(reader: gguf.GGUFReader) -> _Config:
     return _Config(**common)
 
 
+@functools.lru_cache(maxsize=2)
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """One parsed reader per file and process: parsing Gemma's 262k-token vocabulary
+    metadata alone takes about 20 s, and several tests read the same file."""
+    return gguf.GGUFReader(path)
+
+
 def _load(path: str | Path) -> _Model:
     """Dequantize every tensor of ``path`` once and cache the result."""
     key = Path(path).resolve()
     model = _MODELS.get(key)
     if model is None:
-        reader = gguf.GGUFReader(key)
+        reader = open_reader(key)
         weights = {}
         for tensor in reader.tensors:
             data = dequantize(tensor.data, tensor.tensor_type)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGUFReader, quants
+from gguf import quants
 
 from semantic_server.models.gguf_blocks import decode_exact, is_exact, pack
 from tests.conftest import GEMMA, SMOLLM2
+from tests.reference.numpy_forward import open_reader
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -19,17 +20,19 @@ def test_pack_matches_mlx_layout(bits):
     assert np.array_equal(np.array(unpacked).astype(np.uint8), q)
 
 
-def _first_tensor_of_each_type(path):
-    seen = {}
-    for tensor in GGUFReader(path).tensors:
-        if tensor.tensor_type.name not in ("F32", "F16") and tensor.tensor_type not in seen:
-            seen[tensor.tensor_type] = tensor
-    return list(seen.values())
+def _smallest_tensor_of_each_type(path):
+    smallest = {}
+    for tensor in open_reader(path.resolve()).tensors:
+        kind = tensor.tensor_type
+        if kind.name not in ("F32", "F16") and (
+                kind not in smallest or tensor.n_elements < smallest[kind].n_elements):
+            smallest[kind] = tensor
+    return list(smallest.values())
 
 
 @pytest.mark.parametrize("model_id", [SMOLLM2, GEMMA])
 def test_decoders_match_gguf_dequantize(model_id, gguf_path):
-    tensors = [t for t in _first_tensor_of_each_type(gguf_path(model_id))
+    tensors = [t for t in _smallest_tensor_of_each_type(gguf_path(model_id))
                if is_exact(t.tensor_type)]
     assert len(tensors) >= 2, "expected several exactly-mappable quantization types"
     for tensor in tensors:
