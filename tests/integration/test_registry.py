@@ -74,8 +74,10 @@ def test_load_unload_cycles_return_memory(registry):
     print("active after each unload (MB):", [round(a / 1e6, 1) for a in active])
     print("RSS after each unload (MB):", [round(r / 1e6) for r in rss])
     assert all(abs(a - baseline.active_bytes) <= 10 * 2**20 for a in active)
-    # No steady growth: the last cycles of each model are no larger than their first ones.
-    assert rss[-2] <= rss[0] + 100 * 2**20 and rss[-1] <= rss[1] + 100 * 2**20
+    # No steady growth. RSS steps up once, after the first Gemma cycle: the registry keeps
+    # the tokenizers of returning models (Gemma's 262k-token one is a few hundred MB of
+    # Python objects). From then on it must stay flat.
+    assert max(rss[2:]) - min(rss[2:]) <= 50 * 2**20
 
 
 def test_fingerprint_tells_weights_apart(models_dir, tmp_path):
