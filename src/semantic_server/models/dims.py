@@ -51,19 +51,11 @@ class ModelDims:
         per_layer_token = 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes
         return per_layer_token * sum(min(tokens, layer.window or tokens) for layer in self.layers)
 
-    @property
-    def sliding_layers(self) -> list[int]:
-        return [i for i, layer in enumerate(self.layers) if layer.kind is LayerKind.SLIDING]
-
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = [{"kind": layer.kind.value, "window": layer.window}
                           for layer in self.layers]
         return data
-
-    def shape_key(self) -> tuple:
-        """Everything that must match for a cache's arrays to fit this model's layers."""
-        return (self.n_layers, self.n_kv_heads, self.head_dim, self.kv_dtype, self.layers)
 
 
 def _layer_kinds(config: dict[str, Any], n_layers: int) -> tuple[LayerCache, ...]:
