@@ -72,10 +72,12 @@ def main() -> None:
                     model = body["model"]
                     usage = body["usage"]
                     cached = usage["prompt_tokens_details"]["cached_tokens"]
-                    if model != health_model:  # a swap came between: a new conversation
-                        continue
-                    if covered:
-                        record["cache_lost"] = cached < covered - 4
+                    # A swap between the health check and the request means this
+                    # conversation ran on the other model: the agent's cache for that model
+                    # now holds it, so it becomes that model's conversation from here on.
+                    if covered and model == health_model:
+                        record.update(model=model, cached=cached, covered=covered,
+                                      cache_lost=cached < covered - 4)
                     messages.append({"role": "assistant",
                                      "content": body["choices"][0]["message"]["content"]})
                     history[model] = (messages[-12:] if len(messages) > 12 else messages,
@@ -126,12 +128,12 @@ def main() -> None:
         "p50_outside_s": percentile(outside, 50), "p99_outside_s": percentile(outside, 99),
         "p50_during_swap_s": percentile(inside, 50), "p99_during_swap_s": percentile(inside, 99),
         "swap_seconds_median": statistics.median([e - s for s, e, _ in swaps]) if swaps else 0,
-        "caches_lost": len(lost), "failures": failed[:10],
+        "caches_lost": len(lost), "lost": lost[:20], "failures": failed[:10],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     for key, value in summary.items():
-        if key != "failures":
+        if key not in ("failures", "lost"):
             print(f"{key:22s} {value:.3f}" if isinstance(value, float) else
                   f"{key:22s} {value}")
     print(f"wrote {args.out}")
