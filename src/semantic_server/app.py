@@ -32,7 +32,7 @@ from semantic_server.config import Settings
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.service import GenerationService
-from semantic_server.errors import SemanticServerError
+from semantic_server.errors import CacheWriteError, SemanticServerError
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.registry import LoadedModel, MemorySnapshot, ModelRegistry
 from semantic_server.observability import Metrics, configure_logging
@@ -104,7 +104,8 @@ async def start_server(settings: Settings) -> ServerContext:
         memory = MemorySnapshot.now()
         return {"model_id": loaded.model_id if loaded else None,
                 "tag": store.tag.digest if store.tag else None,
-                "lookups": dict(store.lookups), **store.residency(),
+                "lookups": dict(store.lookups), "write_failures": store.write_failures,
+                **store.residency(),
                 "blocks_used": pool.used, "blocks_free": pool.free,
                 "in_flight": gate.in_flight, "held": gate.held,
                 "mlx_active": memory.active_bytes, "rss": memory.rss_bytes}
@@ -118,6 +119,8 @@ async def stop_server(server: ServerContext) -> None:
     try:
         written = await server.engine_call(server.store.evict_all)
         log.info("wrote %d hot agent caches to disk before exit", len(written))
+    except CacheWriteError as exc:  # the process ends anyway; the older files stay valid
+        log.error("some agent caches were lost at exit: %s", exc)
     finally:
         server.engine.shutdown()
 

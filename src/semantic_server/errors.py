@@ -79,3 +79,7 @@ class AdminDisabled(SemanticServerError):
 
 class Unauthorized(SemanticServerError):
     """The X-Admin-Key header is missing or wrong."""
+
+
+class CacheWriteError(SemanticServerError):
+    """Agent caches could not be written to disk (a full disk); they are still in memory."""

@@ -74,6 +74,9 @@ class _StateCollector(Collector):
         for outcome in ("hot", "disk", "miss", "rejected"):
             lookups.add_metric([outcome], state["lookups"].get(outcome, 0))
         yield lookups
+        yield CounterMetricFamily("semantic_cache_write_failures",
+                                  "Agent cache files that could not be written (a full disk)",
+                                  value=state["write_failures"])
         for name, doc, labels, values in (
             ("semantic_agents", "Agents with a cache, by residency", ["residency"],
              {("hot",): state["hot_agents"], ("cold",): state["cold_agents"]}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -26,8 +27,9 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m semantic_server serve`` with the given settings (SEMANTIC_* variables)."""
 
-    def __init__(self, model: str, **settings: str):
+    def __init__(self, model: str, max_file_bytes: int | None = None, **settings: str):
         self.model = model
+        self.max_file_bytes = max_file_bytes
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Each server gets its own cache folder unless the test shares one on purpose.
@@ -45,7 +47,8 @@ class ServerProcess:
                    "--port", str(self.port)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT,
+                                            preexec_fn=self._limit_file_size)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -59,6 +62,13 @@ class ServerProcess:
                 pass
             time.sleep(0.2)  # polling for readiness, not covering a race
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def _limit_file_size(self) -> None:
+        """In the child: the OS refuses any write that would grow a file past the limit
+        (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write raises), a real failing write
+        like a full disk's, without mounting a tiny filesystem."""
+        if self.max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_bytes, self.max_file_bytes))
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

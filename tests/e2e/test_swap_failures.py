@@ -1,6 +1,7 @@
 """Swaps that fail, for real: broken weights, a failing warm-up, a failing rollback, a
-second swap during a swap, a drain that times out. The server must keep serving (or say
-clearly that it cannot), and no agent cache may be lost."""
+second swap during a swap, a drain that times out, a disk that refuses the evicted caches.
+The server must keep serving (or say clearly that it cannot), and no agent cache may be
+lost."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from semantic_server.cache.cache_file import agent_file_name, read_summary
 from tests.conftest import GEMMA, SMOLLM2
 from tests.e2e.server import ServerProcess
-from tests.e2e.test_swap import ADMIN, GREEDY, KEY, swap
+from tests.e2e.test_observability import scrape, value
+from tests.e2e.test_swap import ADMIN, GREEDY, HISTORY, KEY, swap
 
 
 def _copy_model(source, dest):
@@ -135,5 +138,56 @@ def test_requests_held_past_the_limit_get_503_with_retry_after(models_dir, tmp_p
         assert held.status_code == 503, held.text
         assert held.headers["Retry-After"] == "1"
         assert held.json()["error"]["code"] == "swap_in_progress"
+    finally:
+        server.stop()
+
+
+def test_full_disk_during_eviction_rolls_back_and_loses_nothing(tmp_path):
+    # The server process may not grow any file past 12 MB (see ServerProcess): a SmolLM2
+    # cache of a few dozen tokens fits (46 KB per token), one of 500 tokens does not.
+    server = ServerProcess(SMOLLM2, max_file_bytes=12 * 2**20, admin_key=KEY,
+                           cache_dir=str(tmp_path)).start()
+    try:
+        def turn(agent, messages):
+            reply = server.client(agent).chat.completions.create(
+                model=SMOLLM2, messages=messages, max_tokens=6, **GREEDY)
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+            return reply.usage
+
+        talks = {agent: [{"role": "user", "content": f"Hello, I am {agent}."}]
+                 for agent in ("small", "big")}
+        for agent, messages in talks.items():
+            turn(agent, messages)
+        assert swap(server, SMOLLM2).json()["status"] == "success"
+        big_file = next(tmp_path.glob(f"*/{agent_file_name('big')}"))
+        written_before = read_summary(big_file)
+
+        talks["big"].append({"role": "user", "content": HISTORY[:len(HISTORY) // 3]})
+        grown = turn("big", talks["big"])
+        talks["small"].append({"role": "user", "content": "Still there?"})
+        turn("small", talks["small"])
+        response = swap(server, SMOLLM2)
+        body = response.json()
+        assert response.status_code == 507, body
+        assert body["status"] == "rolled_back" and body["failed_step"] == "evict"
+        assert "could not be written" in body["message"], body["message"]
+        assert [s["name"] for s in body["steps"]] == ["drain", "evict"]
+        assert server.health()["status"] == "ready"
+        assert value(scrape(server), "semantic_cache_write_failures_total") >= 1
+
+        # Nothing lost: the big agent's whole history is still hot.
+        talks["big"].append({"role": "user", "content": "Summarise that in one line."})
+        history = grown.prompt_tokens + grown.completion_tokens
+        assert turn("big", talks["big"]).prompt_tokens_details.cached_tokens >= history - 4
+
+        # Nothing corrupted: every cache file reads whole, the big agent's older file is
+        # the one written before, and no temporary file is left behind.
+        files = list(tmp_path.glob("*/*.safetensors"))
+        assert {f.name for f in files} == {agent_file_name("small"), agent_file_name("big")}
+        for path in files:
+            arrays = load_file(str(path))
+            assert arrays["tokens"].shape == (read_summary(path)["tokens"],)
+        assert read_summary(big_file) == written_before
+        assert not list(tmp_path.rglob("*.tmp.*"))
     finally:
         server.stop()

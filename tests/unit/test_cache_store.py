@@ -16,6 +16,7 @@ from semantic_server.cache.cache_file import (
     read_cache,
     write_cache,
 )
+from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
 
 DIMS = ModelDims(2, 1, 8, "float32", (LayerCache(LayerKind.GLOBAL),
@@ -112,3 +113,21 @@ def test_disk_budget_deletes_the_oldest_cold_caches(tmp_path):
         store.evict_all()
     names = {p.name for p in store.cold_files()}
     assert names == {agent_file_name("c"), agent_file_name("d")}
+
+
+def test_evict_all_keeps_every_cache_hot_when_a_write_fails(tmp_path):
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
+    store = AgentCacheStore(pool, tmp_path / "caches")
+    store.retag(TAG)
+    store.checkin(AgentCache("a", _layers(8), list(range(8))))
+    store.checkin(AgentCache("b", _layers(8), list(range(8))))
+    # The tag's folder is a plain file, so every write fails (a real OSError).
+    (tmp_path / "caches").mkdir()
+    (tmp_path / "caches" / TAG.digest).write_text("in the way")
+    with pytest.raises(CacheWriteError, match="2 of 2 agent caches"):
+        store.evict_all()
+    assert sorted(store.hot_agents()) == ["a", "b"] and sorted(pool.agents()) == ["a", "b"]
+    assert store.write_failures == 2
+    (tmp_path / "caches" / TAG.digest).unlink()
+    assert sorted(store.evict_all()) == ["a", "b"] and store.hot_agents() == {}
+    assert len(store.cold_files()) == 2

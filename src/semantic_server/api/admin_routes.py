@@ -43,6 +43,8 @@ async def swap(request: Request) -> JSONResponse:
     result = await server.orchestrator.swap(body.model_id, body.timeout_seconds)
     server.metrics.observe_swap(result.as_dict())
     status = {"success": 200, "rolled_back": 500, "degraded": 500}[result.status]
+    if result.failed_step == "evict":
+        status = 507  # Insufficient Storage: the caches could not be written, nothing changed
     return JSONResponse(result.as_dict(), status_code=status)
 
 

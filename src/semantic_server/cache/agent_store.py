@@ -28,6 +28,7 @@ from semantic_server.cache.cache_file import (
     read_summary,
     write_cache,
 )
+from semantic_server.errors import CacheWriteError
 
 log = logging.getLogger(__name__)
 QUARANTINE = "quarantine"
@@ -98,32 +99,50 @@ class AgentCacheStore:
         self.pool.allocate(entry.agent_id, len(entry.tokens))
 
     def evict_all(self) -> list[str]:
-        """Every hot cache to disk (a swap's evict step, and shutdown); returns the agents."""
+        """Every hot cache to disk, then out of memory (a swap's evict step, and shutdown).
+
+        All or nothing: if any write fails (a full disk), every cache stays hot and
+        CacheWriteError is raised, so a swap can give up before it unloads anything
+        instead of losing agents' context. The files that were written are valid either way.
+        """
         agents = self.pool.agents()
+        failures = []
         for agent_id in agents:
-            self._evict(agent_id)
+            try:
+                self._write(self._hot[agent_id])
+            except Exception as exc:
+                failures.append(f"{exc}")
+        if failures:
+            raise CacheWriteError(f"{len(failures)} of {len(agents)} agent caches could not be "
+                                  f"written to {self.cache_dir}: {failures[0]}")
+        for agent_id in agents:
+            del self._hot[agent_id]
+            self.pool.release(agent_id)
         return agents
 
     def _evict(self, agent_id: str) -> None:
-        """Out of memory and out of the pool, whatever happens to the write."""
+        """Out of memory and out of the pool, whatever happens to the write: the KV budget
+        holds even on a full disk, at the cost of this agent's newest context."""
         try:
             entry = self._hot.pop(agent_id, None)
             if entry is not None:
                 self._write(entry)
+        except Exception as exc:
+            log.error("could not write the cache of an agent: %s", exc)
         finally:
             self.pool.release(agent_id)
 
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
+        """Write one cache atomically; a failure leaves any older file of it untouched."""
         if self.cache_dir is None or self.tag is None:
             return
         try:
             write_cache(self._path(self.tag, entry.agent_id), self.tag, entry.agent_id,
                         entry.layers, entry.tokens)
-        except Exception as exc:  # a full disk loses this copy, never an older valid file
+        except Exception:
             self.write_failures += 1
-            log.error("could not write the cache of an agent: %s", exc)
-            return
+            raise
         self._enforce_disk_budget()
 
     def _candidates(self, agent_id: str) -> list[Path]:

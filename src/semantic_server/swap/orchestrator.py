@@ -26,7 +26,7 @@ from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import CacheTag
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.gate import AdmissionGate, ServerState
-from semantic_server.errors import ModelInvalid, SwapInProgress, SwapTimeout
+from semantic_server.errors import CacheWriteError, ModelInvalid, SwapInProgress, SwapTimeout
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import dims_from_config
 from semantic_server.models.registry import LoadedModel, ModelRegistry
@@ -51,6 +51,7 @@ class SwapResult:
     duration_ms: float = 0.0
     steps: list[StepTiming] = field(default_factory=list)
     evicted_agents: int = 0
+    failed_step: str | None = None
     memory: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,6 +161,16 @@ class ModelSwapOrchestrator:
         try:
             evicted = await self._timed(result, "evict", lambda: self._on_engine(
                 self.store.evict_all))
+        except _StepFailed as failure:  # e.g. a full disk: nothing unloaded, nothing lost
+            result.failed_step = failure.step
+            result.status = "rolled_back"
+            result.message = (f"{failure}; nothing was unloaded, {old} keeps serving with "
+                              "every agent cache in memory")
+            self.gate.transition(ServerState.READY)
+            log.warning("swap rolled back", extra={"fields": {"reason": result.message}})
+            result.duration_ms = (time.perf_counter() - started) * 1e3
+            return result
+        try:
             result.evicted_agents = len(evicted)
             await self._timed(result, "shutdown", lambda: self._on_engine(self.engine.detach))
             if self.registry.current is not None:
@@ -182,6 +193,7 @@ class ModelSwapOrchestrator:
     async def _recover(self, result: SwapResult, old: str | None, failure: _StepFailed) -> None:
         """Roll back to ``old``; if that fails too, the server is degraded."""
         reason = str(failure)
+        result.failed_step = failure.step
         try:
             await self._on_engine(self._drop_partial)
             if old is None:
@@ -202,7 +214,10 @@ class ModelSwapOrchestrator:
     def _drop_partial(self) -> None:
         """Engine thread: forget whatever half-finished state the failed swap left."""
         if self.engine.loaded is not None:
-            self.store.evict_all()
+            try:
+                self.store.evict_all()
+            except CacheWriteError as exc:  # the half-up model's caches are not worth a failure
+                log.error("dropping caches of a failed swap: %s", exc)
             self.engine.detach()
         if self.registry.current is not None:
             self.registry.unload()
