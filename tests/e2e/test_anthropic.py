@@ -52,5 +52,11 @@ def test_stop_sequences_and_max_tokens(smol_server):
     short = client.messages.create(model=SMOLLM2, max_tokens=2, messages=question,
                                    extra_body={"temperature": 0})
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 2
-    with pytest.raises(anthropic.BadRequestError):
+    with pytest.raises(anthropic.BadRequestError) as bad:
         client.messages.create(model=SMOLLM2, max_tokens=-1, messages=question)
+    assert bad.value.body["type"] == "error"
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in bad.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="no-such-model", max_tokens=4, messages=question)
+    assert missing.value.body["error"]["type"] == "not_found_error"

@@ -65,7 +65,10 @@ def _check(response: httpx.Response) -> None:
     event(f"status {response.status_code}")  # --hypothesis-show-statistics shows the mix
     assert response.status_code < 500, response.text[:500]
     if response.status_code >= 400:
-        error = response.json()["error"]
+        body = response.json()
+        if response.url.path == "/v1/messages":  # Anthropic's error shape
+            assert body["type"] == "error" and body["error"]["type"].endswith("error")
+        error = body["error"]
         assert isinstance(error["message"], str) and error["message"]
 
 

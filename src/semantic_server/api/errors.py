@@ -1,4 +1,5 @@
-"""Errors to HTTP: one table from error type to status, and OpenAI-style error bodies.
+"""Errors to HTTP: one table from error type to status, and OpenAI-style error bodies
+(Anthropic-style on the Messages API, whose clients expect ``{"type": "error", ...}``).
 
 No other module picks a status code, and no traceback ever reaches a client: anything not
 in the table is logged here and answered as a plain 500.
@@ -6,6 +7,7 @@ in the table is logged here and answered as a plain 500.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from pydantic import ValidationError
@@ -31,6 +33,11 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.GenerationFailed: (500, "server_error", "generation_failed"),
     e.SwapTimeout: (504, "server_error", "drain_timeout"),
 }
+
+# HTTP status -> Anthropic error type; other 4xx are invalid_request_error, 5xx api_error
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 503: "overloaded_error"}
+ANTHROPIC_PATHS = ("/v1/messages",)
 
 
 def error_response(status: int, message: str, kind: str, code: str,
@@ -60,9 +67,22 @@ def from_validation(exc: ValidationError) -> JSONResponse:
     return error_response(400, message, "invalid_request_error", "invalid_request", param)
 
 
+def anthropic_shaped(response: JSONResponse) -> JSONResponse:
+    """The same error in the Messages API's shape, keeping the status and Retry-After."""
+    status = response.status_code
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    message = json.loads(response.body)["error"]["message"]
+    headers = ({"Retry-After": response.headers["retry-after"]}
+               if "retry-after" in response.headers else None)
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
+                        status_code=status, headers=headers)
+
+
 async def handle_any(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette exception handler: every error leaves as OpenAI-style JSON."""
+    """Starlette exception handler: every error leaves as JSON in the caller's API shape."""
     response = from_validation(exc) if isinstance(exc, ValidationError) else from_exception(exc)
+    if request.url.path in ANTHROPIC_PATHS:
+        response = anthropic_shaped(response)
     log.info("request", extra={"fields": {
         "request_id": getattr(request.state, "request_id", None), "path": request.url.path,
         "status": response.status_code, "error": type(exc).__name__}})
