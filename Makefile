@@ -35,6 +35,8 @@ experiments: setup
 	$(PY) -m experiments.exp011_memory_reclamation
 	$(PY) -m experiments.exp012_swap_latency
 	$(PY) -m experiments.exp013_cache_restore
+	$(PY) -m experiments.exp014_agents_round_trip
+	$(PY) -m experiments.exp014_agents_round_trip --agents 64
 
 clean-models:
 	rm -rf models .cache/models

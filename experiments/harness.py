@@ -8,11 +8,13 @@ folder), runs its workload on the harness's event loop, and writes JSON and a PN
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,13 +106,15 @@ class Harness:
         self.loop.close()
 
 
-def arguments(description: str) -> Any:
-    """The options every experiment takes: --quick for a smoke run, --results for where."""
-    import argparse
-
+def arguments(description: str, more: Callable[[argparse.ArgumentParser], None] | None = None,
+              ) -> argparse.Namespace:
+    """The options every experiment takes (--quick for a smoke run, --results for where),
+    plus any ``more`` adds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="few repetitions, short contexts")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
+    if more is not None:
+        more(parser)
     return parser.parse_args()
 
 

@@ -16,57 +16,23 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from experiments.peers import MlxLmServer, float32_copy, stream_turn  # noqa: E402
 from semantic_server.blas import blas_status  # noqa: E402  (loads OpenBLAS before mlx)
-from tests.e2e.server import ServerProcess, free_port  # noqa: E402
+from tests.e2e.server import ServerProcess  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 SHARED_PREFIX = ("You are a support assistant for a bicycle shop. " +
                  "The shop sells road bikes, mountain bikes, helmets, lights and locks; it "
                  "repairs punctures, brakes and gears, and opens from nine to six. " * 40)
-
-
-def stream_turn(url: str, messages: list[dict], max_tokens: int, agent: str | None = None,
-                model: str | None = None) -> dict:
-    """One streamed greedy request: TTFT, decode rate, usage."""
-    headers = {"X-Agent-ID": agent} if agent else {}
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if model:
-        body["model"] = model
-    started = time.perf_counter()
-    first = None
-    chunks = 0
-    usage = {}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
-                      timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                usage = data["usage"]
-            if data.get("choices") and data["choices"][0]["delta"].get("content"):
-                chunks += 1
-                first = first or time.perf_counter()
-    end = time.perf_counter()
-    tokens = usage.get("completion_tokens", chunks)
-    return {"ttft": (first or end) - started, "total": end - started, "tokens": tokens,
-            "decode_tps": (tokens - 1) / (end - first) if first and tokens > 1 else 0.0,
-            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
 
 def mlx_generate_tps(model_dir: Path, prompt: str, max_tokens: int) -> float:
@@ -81,20 +47,6 @@ def mlx_generate_tps(model_dir: Path, prompt: str, max_tokens: int) -> float:
                                         add_generation_prompt=True)
     responses = list(stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
     return responses[-1].generation_tps
-
-
-def float32_copy(model_dir: Path, dest: Path) -> Path:
-    """The same weights as a float32 MLX directory, for mlx_lm.server."""
-    import mlx.core as mx
-    from mlx_lm.utils import dequantize_model, load, save
-
-    model, tokenizer, config = load(str(model_dir), return_config=True)
-    model = dequantize_model(model)
-    model.set_dtype(mx.float32)
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
-    save(dest, model_dir, model, tokenizer, config)
-    return dest
 
 
 def shared_prefix_workload(url: str, model: str | None) -> list[float]:
@@ -160,28 +112,13 @@ def main() -> None:
         server.stop()
 
     with tempfile.TemporaryDirectory() as tmp:
-        peer_dir = float32_copy(model_dir, Path(tmp) / "smollm2-f32")
-        port = free_port()
-        env = dict(os.environ)
-        if blas_status().path:
-            env["LD_PRELOAD"] = blas_status().path
-        peer = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(peer_dir),
-                                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        peer = MlxLmServer(float32_copy(model_dir, Path(tmp) / "smollm2-f32")).start()
         try:
-            peer_url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    httpx.get(f"{peer_url}/v1/models", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.3)  # polling for readiness
-            stream_turn(peer_url, [{"role": "user", "content": "Hello"}], 4, model=str(peer_dir))
-            theirs = shared_prefix_workload(peer_url, str(peer_dir))
+            stream_turn(peer.url, [{"role": "user", "content": "Hello"}], 4,
+                        model=str(peer.model_dir))
+            theirs = shared_prefix_workload(peer.url, str(peer.model_dir))
         finally:
-            peer.terminate()
-            peer.wait(30)
+            peer.stop()
     results["d_shared_prefix"] = {
         "requests": 20, "ours_mean_s": statistics.mean(ours),
         "mlx_lm_server_mean_s": statistics.mean(theirs),

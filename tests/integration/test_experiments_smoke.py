@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "exp011_memory_reclamation": ("swaps", "within_5_percent"),
     "exp012_swap_latency": ("runs", "summary", "floors_ms"),
     "exp013_cache_restore": ("rows",),
+    "exp014_agents_round_trip": ("servers", "targets"),
 }
 
 

@@ -91,7 +91,7 @@ class AgentCacheStore:
         if victims is None:
             log.warning("a cache of %d tokens exceeds the whole KV budget: written to disk",
                         len(entry.tokens))
-            self._write(entry)
+            self._spill(entry)
             return
         for agent_id in victims:
             self._evict(agent_id)
@@ -123,14 +123,16 @@ class AgentCacheStore:
     def _evict(self, agent_id: str) -> None:
         """Out of memory and out of the pool, whatever happens to the write: the KV budget
         holds even on a full disk, at the cost of this agent's newest context."""
+        entry = self._hot.pop(agent_id, None)
+        self.pool.release(agent_id)
+        if entry is not None:
+            self._spill(entry)
+
+    def _spill(self, entry: AgentCache) -> None:
         try:
-            entry = self._hot.pop(agent_id, None)
-            if entry is not None:
-                self._write(entry)
-        except Exception as exc:
+            self._write(entry)
+        except Exception as exc:  # logged and counted, never fatal
             log.error("could not write the cache of an agent: %s", exc)
-        finally:
-            self.pool.release(agent_id)
 
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
