@@ -56,11 +56,12 @@ FOLLOW_UPS = ("Which year is on the first box?", "Name the ship of the second bo
 class Ours:
     """Our server process; switches are admin swaps, a restart is SIGTERM and a new process."""
 
-    def __init__(self, kv_budget_bytes: int):
+    def __init__(self, kv_budget_bytes: int, extra_models: list[str]):
         self.name = "ours"
         self.model = SMOLLM2
         self.kv_budget_bytes = kv_budget_bytes
         self.settings = {"admin_key": KEY, "kv_budget_bytes": str(kv_budget_bytes),
+                         "extra_models": json.dumps(extra_models),
                          "cache_dir": tempfile.mkdtemp(prefix="exp014-caches-")}
         self.process: ServerProcess | None = None
 
@@ -198,7 +199,7 @@ class RssSampler:
         return self.peak
 
 
-def run_server(server: Ours | Peer, args: argparse.Namespace) -> dict[str, Any]:
+def run_server(server: Ours | Peer, args: argparse.Namespace, away: str) -> dict[str, Any]:
     conversations = {
         i: [{"role": "system", "content": f"Agent {i} of {args.agents} is talking to you."},
             # history() counts 4 characters a token; SmolLM2 needs about 4.4 for this text
@@ -227,12 +228,11 @@ def run_server(server: Ours | Peer, args: argparse.Namespace) -> dict[str, Any]:
     try:
         agents_turn("build")
         agents_turn("warm")
-        switches["to_gemma"] = server.switch(GEMMA)
-        gemma = [stream_turn(server.url, [{"role": "user", "content": history(1000 + j,
-                                                                              args.gemma_tokens)}],
-                             MAX_TOKENS, agent=f"gemma-agent-{j}", model=server.model_field(GEMMA))
-                 for j in range(args.gemma_agents)]
-        switches["to_smollm2"] = server.switch(SMOLLM2)
+        switches["away"] = server.switch(away)
+        visitors = [stream_turn(server.url, [{"role": "user", "content": history(
+            1000 + j, args.gemma_tokens)}], MAX_TOKENS, agent=f"away-agent-{j}",
+            model=server.model_field(away)) for j in range(args.gemma_agents)]
+        switches["back"] = server.switch(SMOLLM2)
         agents_turn("round_trip")
         switches["restart_seconds"] = server.restart()
         agents_turn("restart")
@@ -242,7 +242,7 @@ def run_server(server: Ours | Peer, args: argparse.Namespace) -> dict[str, Any]:
         server.stop()
     print(f"  {server.name}: switches {json.dumps(switches)}", flush=True)
     return {"phases": phases, "switches": switches, "kv": kv, "peak_rss": peak_rss,
-            "final_rss": final_rss, "gemma_ttft": [g["ttft"] for g in gemma],
+            "final_rss": final_rss, "away_ttft": [v["ttft"] for v in visitors],
             "summary": summarise(phases)}
 
 
@@ -299,6 +299,29 @@ def options(parser: argparse.ArgumentParser) -> None:
                         "(default all; ours and mlx_lm_tuned with more than 12 agents)")
 
 
+def prepare_models(args: argparse.Namespace, tmp: Path, peers: bool,
+                   ) -> tuple[str, list[str], dict[str, Path]]:
+    """The away model's id, our extra_models setting, and the peer's float32 directories.
+
+    A quick run is a smoke test of this script: its away model is SmolLM2 under another
+    name, which swaps in about a second where Gemma takes seven.
+    """
+    models_dir = Settings(models_dir=ROOT / "models").models_dir
+    away = f"{SMOLLM2}-away" if args.quick else GEMMA
+    extra = []
+    if args.quick:
+        (tmp / away).symlink_to(models_dir / SMOLLM2)
+        extra = [str(tmp / away)]
+    dirs: dict[str, Path] = {}
+    if peers:
+        dirs = {m: float32_copy(models_dir / m, tmp / "float32" / m)
+                for m in ((SMOLLM2,) if args.quick else (SMOLLM2, GEMMA))}
+        if args.quick:
+            (tmp / "float32" / away).symlink_to(dirs[SMOLLM2])
+            dirs[away] = tmp / "float32" / away
+    return away, extra, dirs
+
+
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], options)
     if args.quick:
@@ -319,12 +342,11 @@ def main() -> None:
         "gemma_tokens": args.gemma_tokens, "max_tokens": MAX_TOKENS,
         "ours_kv_budget_bytes": budget, "all_caches_bytes": all_caches, "servers": {}}
     with tempfile.TemporaryDirectory(prefix="exp014-f32-") as tmp:
-        dirs = {}
-        if any(n.startswith("mlx_lm") for n in names):
-            models_dir = Settings(models_dir=ROOT / "models").models_dir
-            dirs = {m: float32_copy(models_dir / m, Path(tmp) / m) for m in (SMOLLM2, GEMMA)}
+        away, extra, dirs = prepare_models(args, Path(tmp),
+                                           any(n.startswith("mlx_lm") for n in names))
+        results["away_model"] = away
         servers = {
-            "ours": lambda: Ours(budget),
+            "ours": lambda: Ours(budget, extra),
             "mlx_lm_tuned": lambda: Peer("mlx_lm_tuned", dirs,
                                          args.agents + args.gemma_agents + 4, False),
             "mlx_lm_default": lambda: Peer("mlx_lm_default", dirs, None, False),
@@ -332,7 +354,7 @@ def main() -> None:
         }
         for name in names:
             print(f"{name}:", flush=True)
-            results["servers"][name] = run_server(servers[name](), args)
+            results["servers"][name] = run_server(servers[name](), args, away)
 
     ours = results["servers"].get("ours")
     tuned = results["servers"].get("mlx_lm_tuned")

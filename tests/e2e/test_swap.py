@@ -60,13 +60,15 @@ def test_round_trip_restores_the_agent_cache(swap_server, home, away):
     if swap_server.health()["model"] != home:
         assert swap(swap_server, home).json()["status"] == "success"
     agent = swap_server.client(f"expedition-agent-{home}")
-    messages = [{"role": "user", "content": HISTORY + "Summarise my notes in one sentence."}]
+    # Longer than Gemma's 512-token window, so its rotating layers wrap before the swap.
+    messages = [{"role": "user", "content": HISTORY[:len(HISTORY) // 2]
+                 + "Summarise my notes in one sentence."}]
     first = agent.chat.completions.create(model=home, messages=messages, max_tokens=16,
                                           **GREEDY)
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
                  {"role": "user", "content": "Where did the team camp?"}]
     history_tokens = first.usage.prompt_tokens + first.usage.completion_tokens
-    assert history_tokens > 1300
+    assert history_tokens > 600
     # The same turn on a fresh agent: what a server that never swapped answers.
     reference = swap_server.client(f"expedition-reference-{home}").chat.completions.create(
         model=home, messages=messages, max_tokens=16, **GREEDY)

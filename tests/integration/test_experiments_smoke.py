@@ -1,11 +1,13 @@
 """The experiment scripts run end to end (their --quick form) and write their results.
 
 A smoke test of the scripts only: no timing is asserted here; the figures live in the
-JSON the full runs write (``make experiments``).
+JSON the full runs write (``make experiments``). The quick runs go two at a time, one per
+core: they spend most of their time loading models and tokenizers on one thread each.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -22,13 +24,26 @@ EXPERIMENTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def quick_runs(models_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("quick-results")
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", f"experiments.{name}", "--quick", "--results", str(results)],
+            cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        completed = dict(zip(EXPERIMENTS, pool.map(run, EXPERIMENTS), strict=True))
+    return results, completed
+
+
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
-def test_experiment_quick_run(name, models_dir, tmp_path):
-    completed = subprocess.run(
-        [sys.executable, "-m", f"experiments.{name}", "--quick", "--results", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    data = json.loads((tmp_path / f"{name}.json").read_text())
+def test_experiment_quick_run(name, quick_runs):
+    results, completed = quick_runs
+    run = completed[name]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((results / f"{name}.json").read_text())
     for key in EXPERIMENTS[name]:
         assert data[key] not in (None, [], {}), key
-    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert (results / f"{name}.png").stat().st_size > 10_000
