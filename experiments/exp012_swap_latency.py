@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt
 
 from experiments.harness import GEMMA, SMOLLM2, Harness, arguments, history, write_results
 from semantic_server.models.registry import resolve_compute_dtype
+from semantic_server.swap.orchestrator import STEPS
 
-STEPS = ("drain", "evict", "shutdown", "unload", "load", "reconfigure", "retag", "reinit")
 DIRECTIONS = ((SMOLLM2, GEMMA), (GEMMA, SMOLLM2), (SMOLLM2, SMOLLM2))
 
 
@@ -43,7 +43,7 @@ def raw_load_seconds(harness: Harness, model_id: str) -> float:
         del model, tokenizer
         mx.clear_cache()
         return seconds
-    return harness.run(harness.server.engine_call(load))
+    return harness.run(harness.server.engine.on_thread(load))
 
 
 def warm_agents(harness: Harness, count: int, tokens: int) -> None:

@@ -11,6 +11,7 @@ system's published cold -> warm TTFT speedups.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -24,7 +25,7 @@ from semantic_server.cache.cache_file import agent_file_name, read_cache
 SEED_SYSTEM_SPEEDUP = {1024: 8.3, 2048: 14.4, 4096: 27.3}  # agent-memory, cold -> warm TTFT
 
 
-def read_seconds(path) -> tuple[float, float]:
+def read_seconds(path: Path) -> tuple[float, float]:
     """(cache-file load with every array materialised, plain read of the same bytes)."""
     started = time.perf_counter()
     loaded = read_cache(path)
@@ -63,7 +64,7 @@ def main() -> None:
         for length, (agent, messages, hot, cold) in conversations.items():
             path = harness.cache_dir / tag.digest / agent_file_name(agent)
             size = path.stat().st_size
-            cache_load, plain = harness.run(harness.server.engine_call(
+            cache_load, plain = harness.run(harness.server.engine.on_thread(
                 lambda p=path: read_seconds(p)))
             disk = harness.turn(agent, messages, max_tokens=4)
             rows.append({

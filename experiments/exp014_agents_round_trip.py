@@ -56,7 +56,7 @@ FOLLOW_UPS = ("Which year is on the first box?", "Name the ship of the second bo
 class Ours:
     """Our server process; switches are admin swaps, a restart is SIGTERM and a new process."""
 
-    def __init__(self, kv_budget_bytes: int, extra_models: list[str]):
+    def __init__(self, kv_budget_bytes: int, extra_models: list[str]) -> None:
         self.name = "ours"
         self.model = SMOLLM2
         self.kv_budget_bytes = kv_budget_bytes
@@ -120,7 +120,7 @@ class Peer:
     """mlx_lm.server: switches by naming the other model (in process) or by a restart."""
 
     def __init__(self, name: str, dirs: dict[str, Path], cache_size: int | None,
-                 restart_on_switch: bool):
+                 restart_on_switch: bool) -> None:
         self.name = name
         self.dirs = dirs
         self.model = SMOLLM2
@@ -176,7 +176,7 @@ class Peer:
 class RssSampler:
     """Peak RSS of whichever process serves now, sampled every 0.2 s in a thread."""
 
-    def __init__(self, server: Ours | Peer):
+    def __init__(self, server: Ours | Peer) -> None:
         self.server = server
         self.peak = 0
         self._done = threading.Event()

@@ -63,7 +63,7 @@ def history(agent: int, tokens: int) -> str:
 
 
 class Harness:
-    def __init__(self, model: str = SMOLLM2, **settings: Any):
+    def __init__(self, model: str = SMOLLM2, **settings: Any) -> None:
         self.cache_dir = Path(tempfile.mkdtemp(prefix="semantic-exp-"))
         self.settings = Settings(model=model, models_dir=ROOT / "models",
                                  cache_dir=self.cache_dir, **settings)

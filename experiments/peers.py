@@ -71,7 +71,7 @@ def stream_turn(url: str, messages: list[dict], max_tokens: int, agent: str | No
 class MlxLmServer:
     """One ``mlx_lm.server`` process on a free port of 127.0.0.1."""
 
-    def __init__(self, model_dir: Path, *extra_args: str):
+    def __init__(self, model_dir: Path, *extra_args: str) -> None:
         self.model_dir = model_dir
         self.extra_args = extra_args
         self.port = free_port()

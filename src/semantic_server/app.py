@@ -6,9 +6,8 @@ any settings, and nothing else in the package holds global state.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +17,9 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from semantic_server.api import admin_routes, anthropic_routes, openai_routes, ops_routes
-from semantic_server.api.errors import error_response, handle_any
+from semantic_server.api.errors import handle_any, handle_http
 from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
@@ -56,10 +53,6 @@ class ServerContext:
     orchestrator: ModelSwapOrchestrator
     metrics: Metrics
 
-    async def engine_call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the engine thread (it owns every MLX array and the caches)."""
-        return await asyncio.wrap_future(self.engine.call(fn))
-
 
 def kv_budget(settings: Settings) -> int:
     """The configured KV budget, or a quarter of the memory free at startup."""
@@ -87,7 +80,7 @@ async def start_server(settings: Settings) -> ServerContext:
         return loaded
 
     try:
-        loaded = await asyncio.wrap_future(engine.call(load_and_attach))
+        loaded = await engine.on_thread(load_and_attach)
     except BaseException:
         engine.shutdown()
         raise
@@ -117,17 +110,12 @@ async def start_server(settings: Settings) -> ServerContext:
 async def stop_server(server: ServerContext) -> None:
     """Write every hot cache to disk, then stop the engine (SIGTERM ends up here)."""
     try:
-        written = await server.engine_call(server.store.evict_all)
+        written = await server.engine.on_thread(server.store.evict_all)
         log.info("wrote %d hot agent caches to disk before exit", len(written))
     except CacheWriteError as exc:  # the process ends anyway; the older files stay valid
         log.error("some agent caches were lost at exit: %s", exc)
     finally:
         server.engine.shutdown()
-
-
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error",
-                          "not_found" if exc.status_code == 404 else "http_error")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -146,7 +134,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 *ops_routes.routes],
         lifespan=lifespan,
         exception_handlers={
-            HTTPException: _http_error,
+            HTTPException: handle_http,
             ValidationError: handle_any,
             SemanticServerError: handle_any,
             Exception: handle_any,

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from semantic_server.config import Settings
 from semantic_server.errors import SemanticServerError
 
@@ -63,7 +65,11 @@ def _admin(settings: Settings, url: str | None, method: str, path: str,
                                  headers={"X-Admin-Key": key})
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the server at {base}: {exc}") from exc
-    data = response.json()
+    try:
+        data = response.json()
+    except ValueError:
+        raise CliError(f"{base} answered {response.status_code} without JSON: "
+                       f"{response.text[:200]!r}; is it a semantic-server?") from None
     if "error" in data:
         raise CliError(f"{response.status_code}: {data['error']['message']}")
     return data
@@ -151,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args, Settings())
+        args.run(args, _settings())
     except (SemanticServerError, CliError) as exc:
         sys.exit(f"semantic-server: {exc}")
+
+
+def _settings() -> Settings:
+    """The settings from SEMANTIC_* variables; a bad value is one line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"SEMANTIC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors())
+        raise CliError(f"invalid setting: {problems}") from None
+    except ValueError as exc:  # pydantic-settings' SettingsError: a list value that is not JSON
+        raise CliError(f"invalid setting: {exc}") from None

@@ -1,7 +1,7 @@
 """The server's error types.
 
 Each names one thing that went wrong; ``api/errors.py`` maps them to HTTP statuses in
-one table, so no other module decides a status code.
+one table, so no other module decides the status of an error.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ class ModelInvalid(SemanticServerError):
 class InvalidRequest(SemanticServerError):
     """The request is malformed or asks for something not allowed; ``param`` names the field."""
 
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+    def __init__(self, message: str, param: str | None = None,
+                 code: str = "invalid_request") -> None:
         super().__init__(message)
         self.param = param
         self.code = code
 
 
 class ContextLengthExceeded(InvalidRequest):
-    def __init__(self, message: str):
+    def __init__(self, message: str) -> None:
         super().__init__(message, param="messages", code="context_length_exceeded")
 
 
@@ -52,7 +53,7 @@ class ModelNotLoaded(SemanticServerError):
 class ServerBusy(SemanticServerError):
     """A swap held the request longer than the hold limit; retry after ``retry_after`` s."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

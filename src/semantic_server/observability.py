@@ -28,7 +28,7 @@ def hash_agent(agent_id: str | None) -> str | None:
 
 
 class Metrics:
-    def __init__(self, read_state: Callable[[], dict[str, Any]]):
+    def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
         self.swaps = Counter("semantic_swaps", "Model swaps by result", ["result"],
                              registry=self.registry)
@@ -60,7 +60,7 @@ class Metrics:
 class _StateCollector(Collector):
     """Gauges (and the cache lookup counters the store keeps) read at scrape time."""
 
-    def __init__(self, read_state: Callable[[], dict[str, Any]]):
+    def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
         self.read_state = read_state
 
     def collect(self) -> Iterator[Any]:

@@ -113,4 +113,4 @@ def test_admin_never_500(fuzz_server, path, key, body):
         _post(fuzz_server, path, body, headers)
     else:
         _check(httpx.get(f"{fuzz_server.url}{path}", headers=headers, timeout=60))
-    assert fuzz_server.health()["status"] == "ready"
+    assert fuzz_server.health()["state"] == "ready"

@@ -88,9 +88,11 @@ def test_metrics_logs_and_request_ids(models_dir, tmp_path):
 
 
 def test_cli_drives_a_running_server(models_dir, tmp_path):
+    import http.server
     import os
     import subprocess
     import sys
+    import threading
 
     server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path)).start()
     env = {**os.environ, "SEMANTIC_ADMIN_KEY": KEY}
@@ -115,5 +117,21 @@ def test_cli_drives_a_running_server(models_dir, tmp_path):
         env["SEMANTIC_ADMIN_KEY"] = "wrong"
         denied = cli("status")
         assert denied.returncode == 1 and "401" in denied.stderr
+        # Mistakes the user can fix are one line, never a traceback: a URL that is some
+        # other HTTP server (this one answers every GET with an HTML 501), a bad setting.
+        other = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        try:
+            not_ours = subprocess.run(
+                [sys.executable, "-m", "semantic_server", "status", "--url",
+                 f"http://127.0.0.1:{other.server_port}"], env=env, capture_output=True,
+                text=True, timeout=300)
+        finally:
+            other.shutdown()
+        assert not_ours.returncode == 1 and "501 without JSON" in not_ours.stderr
+        env["SEMANTIC_PORT"] = "eighty"
+        bad_setting = cli("status")
+        assert bad_setting.returncode == 1 and "SEMANTIC_PORT" in bad_setting.stderr
+        assert "Traceback" not in not_ours.stderr + bad_setting.stderr
     finally:
         server.stop()

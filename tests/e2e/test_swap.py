@@ -51,7 +51,7 @@ def test_unknown_model_fails_preflight_without_pausing(swap_server):
     response = swap(swap_server, "no-such-model")
     assert response.status_code == 404
     assert httpx.get(f"{swap_server.url}/admin/swaps", headers=ADMIN).json()["data"] == before
-    assert swap_server.health()["status"] == "ready"
+    assert swap_server.health()["state"] == "ready"
     assert swap_server.health()["model"] == SMOLLM2
 
 

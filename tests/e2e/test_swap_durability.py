@@ -87,7 +87,7 @@ def test_kill_9_mid_write_leaves_valid_files(models_dir, tmp_path):
     _all_cache_files_valid(tmp_path)
     server.start()
     assert not list(tmp_path.glob("*/.*.tmp.safetensors"))
-    assert server.health()["status"] == "ready"
+    assert server.health()["state"] == "ready"
     reply = server.client("small-agent-0").chat.completions.create(
         model=SMOLLM2, messages=[{"role": "user", "content": "Hi 0"}], max_tokens=2)
     assert reply.choices[0].message.content is not None

@@ -70,7 +70,7 @@ def test_failed_load_rolls_back_and_keeps_caches(fragile_server, target):
     assert any(s["name"] == "load" and not s["ok"] for s in body["steps"])
     print(body["message"])
     health = fragile_server.health()
-    assert health["status"] == "ready" and health["model"] == "fragile"
+    assert health["state"] == "ready" and health["model"] == "fragile"
     again = client.chat.completions.create(model="fragile", messages=messages, max_tokens=8,
                                            **GREEDY)
     assert again.usage.prompt_tokens_details.cached_tokens >= history - 4
@@ -91,13 +91,28 @@ def test_second_swap_is_409_and_drain_timeout_aborts(fragile_server):
     assert story_reply.choices[0].finish_reason == "length"
     assert story_reply.model == "fragile"
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    # During a swap, chat requests are held and judged against the model they will run on:
+    # one naming the model being swapped out gets a 409 (it must not run on Gemma), one
+    # naming the swap's target runs on it.
+    def chat(model):
+        return httpx.post(f"{fragile_server.url}/v1/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(swap, fragile_server, GEMMA)
-        while fragile_server.health()["status"] != "swapping":
+        while fragile_server.health()["state"] != "swapping":
             time.sleep(0.02)
+        old_model, new_model = pool.submit(chat, "fragile"), pool.submit(chat, GEMMA)
+        while fragile_server.health()["held"] < 2 and not (old_model.done() or new_model.done()):
+            time.sleep(0.02)
+        assert fragile_server.health()["held"] == 2, (old_model.done(), new_model.done())
         second = swap(fragile_server, SMOLLM2)
         assert second.status_code == 409, second.text
         assert first.result().json()["status"] == "success"
+    assert old_model.result().status_code == 409, old_model.result().text
+    assert old_model.result().json()["error"]["code"] == "model_not_loaded"
+    assert new_model.result().status_code == 200, new_model.result().text
+    assert new_model.result().json()["model"] == GEMMA
     assert swap(fragile_server, "fragile").json()["status"] == "success"
 
 
@@ -108,7 +123,7 @@ def test_failed_rollback_degrades_until_a_good_swap(fragile_server):
     body = swap(fragile_server, "broken-weights").json()
     assert body["status"] == "degraded", body
     health = httpx.get(f"{fragile_server.url}/health", timeout=10)
-    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert health.status_code == 503 and health.json()["state"] == "degraded"
     chat = httpx.post(f"{fragile_server.url}/v1/chat/completions", timeout=30,
                       json={"messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 503 and chat.json()["error"]["code"] == "degraded"
@@ -116,7 +131,7 @@ def test_failed_rollback_degrades_until_a_good_swap(fragile_server):
 
     recovered = swap(fragile_server, SMOLLM2)
     assert recovered.json()["status"] == "success", recovered.text
-    assert fragile_server.health()["status"] == "ready"
+    assert fragile_server.health()["state"] == "ready"
     reply = fragile_server.client().chat.completions.create(
         model=SMOLLM2, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **GREEDY)
     assert reply.model == SMOLLM2
@@ -130,7 +145,7 @@ def test_requests_held_past_the_limit_get_503_with_retry_after(models_dir, tmp_p
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             swapping = pool.submit(swap, server, GEMMA)
-            while server.health()["status"] != "swapping":
+            while server.health()["state"] != "swapping":
                 time.sleep(0.02)
             held = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                               json={"messages": [{"role": "user", "content": "hi"}]})
@@ -172,7 +187,7 @@ def test_full_disk_during_eviction_rolls_back_and_loses_nothing(tmp_path):
         assert body["status"] == "rolled_back" and body["failed_step"] == "evict"
         assert "could not be written" in body["message"], body["message"]
         assert [s["name"] for s in body["steps"]] == ["drain", "evict"]
-        assert server.health()["status"] == "ready"
+        assert server.health()["state"] == "ready"
         assert value(scrape(server), "semantic_cache_write_failures_total") >= 1
 
         # Nothing lost: the big agent's whole history is still hot.

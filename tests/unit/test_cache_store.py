@@ -3,6 +3,8 @@ objects holding small arrays."""
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
@@ -14,6 +16,7 @@ from semantic_server.cache.cache_file import (
     CacheTag,
     agent_file_name,
     read_cache,
+    read_tag_file,
     write_cache,
 )
 from semantic_server.errors import CacheWriteError
@@ -131,3 +134,43 @@ def test_evict_all_keeps_every_cache_hot_when_a_write_fails(tmp_path):
     (tmp_path / "caches" / TAG.digest).unlink()
     assert sorted(store.evict_all()) == ["a", "b"] and store.hot_agents() == {}
     assert len(store.cold_files()) == 2
+
+
+def _rewrite_metadata(path, **changes):
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    mx.save_safetensors(str(path), arrays, {**metadata, **changes})
+
+
+@pytest.mark.parametrize("layout", [["@array"], []])
+def test_file_whose_state_does_not_fit_its_class_is_rejected_not_raised(tmp_path, layout):
+    # Readable safetensors with a well-formed tag, but layer 0's state has lost its values
+    # (or everything): the rebuild fails, and that must be a rejection like any damage.
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS), tmp_path)
+    store.retag(TAG)
+    path = tmp_path / TAG.digest / agent_file_name("a")
+    write_cache(path, TAG, "a", _layers(6), list(range(6)))
+    layouts = json.loads(mx.load(str(path), return_metadata=True)[1]["layouts"])
+    _rewrite_metadata(path, layouts=json.dumps([layout, layouts[1]]))
+    with pytest.raises(CacheFileError):
+        read_cache(path)
+    assert store.checkout("a") is None and store.lookups["rejected"] == 1
+    assert not path.exists() and len(list((tmp_path / "quarantine").glob("*.reason.txt"))) == 1
+
+
+def test_a_bad_tag_file_is_skipped_by_dims_reuse(tmp_path):
+    # Another model of the same dims left a cache and a tag file that is not JSON (a disk
+    # that filled while it was written, before tag files were written atomically).
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS), tmp_path,
+                            reuse="dims")
+    store.retag(TAG)
+    twin = CacheTag("twin", "cafe", *TAG.shape_key()[:3], 4, "float32", (None, 16))
+    for agent in ("a", "b"):
+        write_cache(tmp_path / twin.digest / agent_file_name(agent), twin, agent, _layers(6),
+                    list(range(6)))
+    assert store.checkout("a") is not None  # the twin's cache serves: same dims
+    (tmp_path / twin.digest / "tag.json").write_text("")
+    assert store.checkout("b") is None and store.lookups["miss"] == 1
+    assert (tmp_path / twin.digest / agent_file_name("b")).exists()  # skipped, not rejected
+    # The next write into that folder repairs its tag file.
+    write_cache(tmp_path / twin.digest / agent_file_name("c"), twin, "c", _layers(2), [0, 1])
+    assert read_tag_file(tmp_path / twin.digest) == twin

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from semantic_server.api.openai_routes import read_json
+from semantic_server.api.turn import read_json
 from semantic_server.errors import AdminDisabled, Unauthorized
 from semantic_server.models.registry import MemorySnapshot
+
+if TYPE_CHECKING:  # app.py imports these routes
+    from semantic_server.app import ServerContext
 
 
 class SwapRequest(BaseModel):
@@ -26,7 +29,7 @@ class SwapRequest(BaseModel):
     timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
 
-def require_admin(request: Request) -> Any:
+def require_admin(request: Request) -> ServerContext:
     server = request.app.state.server
     key = server.settings.admin_key
     if key is None or not key.get_secret_value():
@@ -83,7 +86,7 @@ async def swaps(request: Request) -> JSONResponse:
 
 async def agents(request: Request) -> JSONResponse:
     server = require_admin(request)
-    hot = await server.engine_call(server.store.hot_agents)
+    hot = await server.engine.on_thread(server.store.hot_agents)
     cold = await asyncio.to_thread(server.store.cold_agents)
     tag = server.store.tag
     return JSONResponse({

@@ -10,23 +10,26 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from semantic_server.api.openai_routes import (
+from semantic_server.api.errors import stream_error
+from semantic_server.api.schemas import MessagesRequest
+from semantic_server.api.turn import (
     agent_id_of,
-    check_model,
+    capped_max_tokens,
+    check_model_exists,
     collect,
     read_json,
     record,
+    relay,
 )
-from semantic_server.api.schemas import MessagesRequest
 from semantic_server.engine.batch_engine import SamplingParams
 from semantic_server.engine.service import GenerationParams, Outcome
-from semantic_server.errors import InvalidRequest
 
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 
@@ -49,14 +52,11 @@ async def messages(request: Request) -> Response:
     chat = MessagesRequest.model_validate(body)
     user = chat.metadata.user_id if chat.metadata else None
     agent = agent_id_of(request, {"user": user} if user else {})
-    check_model(request, chat.model)
-    if chat.max_tokens > server.settings.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens is limited to {server.settings.max_tokens_limit}",
-                             param="max_tokens")
-    params = GenerationParams(max_tokens=chat.max_tokens,
+    check_model_exists(request, chat.model)
+    params = GenerationParams(max_tokens=capped_max_tokens(request, chat.max_tokens),
                               sampling=SamplingParams(chat.temperature, chat.top_p),
                               stop=tuple(chat.stop_sequences or ()))
-    items = server.service.generate(agent, chat.template_messages(), params)
+    items = server.service.generate(agent, chat.template_messages(), params, chat.model)
     message_id = f"msg_{uuid.uuid4().hex}"
     first = await anext(items)  # refusals keep their HTTP status, as for chat completions
     model_id = server.engine.loaded.model_id
@@ -84,19 +84,21 @@ async def _events(first: str | Outcome, items: AsyncIterator[str | Outcome], mes
         "usage": {"input_tokens": 0, "output_tokens": 0}}})
     yield event("content_block_start", {"index": 0,
                                         "content_block": {"type": "text", "text": ""}})
-    item = first
-    try:
-        while not isinstance(item, Outcome):
-            yield event("content_block_delta", {"index": 0,
-                                                "delta": {"type": "text_delta", "text": item}})
-            item = await anext(items)
-    finally:
-        await items.aclose()
-    on_end(item)
-    yield event("content_block_stop", {"index": 0})
-    yield event("message_delta", {"delta": {"stop_reason": _stop_reason(item),
-                                            "stop_sequence": item.stop_sequence},
-                                  "usage": _usage(item)})
+    async with aclosing(relay(first, items)) as relayed:
+        async for item in relayed:
+            if isinstance(item, Exception):  # Anthropic's way: an error event ends the stream
+                error = stream_error(item, anthropic=True)
+                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+                return
+            if isinstance(item, str):
+                yield event("content_block_delta", {
+                    "index": 0, "delta": {"type": "text_delta", "text": item}})
+                continue
+            on_end(item)
+            yield event("content_block_stop", {"index": 0})
+            yield event("message_delta", {"delta": {"stop_reason": _stop_reason(item),
+                                                    "stop_sequence": item.stop_sequence},
+                                          "usage": _usage(item)})
     yield event("message_stop", {})
 
 

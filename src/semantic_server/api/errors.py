@@ -1,7 +1,8 @@
 """Errors to HTTP: one table from error type to status, and OpenAI-style error bodies
 (Anthropic-style on the Messages API, whose clients expect ``{"type": "error", ...}``).
 
-No other module picks a status code, and no traceback ever reaches a client: anything not
+Every error raised as an exception gets its status here (a swap's own response maps its
+result to a status in admin_routes), and no traceback ever reaches a client: anything not
 in the table is logged here and answered as a plain 500.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -76,6 +79,24 @@ def anthropic_shaped(response: JSONResponse) -> JSONResponse:
                if "retry-after" in response.headers else None)
     return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
                         status_code=status, headers=headers)
+
+
+def stream_error(exc: Exception, anthropic: bool = False) -> dict[str, Any]:
+    """The body of the last event of a stream that a failure ended after it began: the
+    same error JSON as a refused request, since the status line is already sent."""
+    response = from_exception(exc)
+    if anthropic:
+        response = anthropic_shaped(response)
+    log.warning("stream ended by an error", extra={"fields": {
+        "error": type(exc).__name__, "status": response.status_code}})
+    return json.loads(response.body)
+
+
+async def handle_http(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method) in the caller's API shape."""
+    response = error_response(exc.status_code, str(exc.detail), "invalid_request_error",
+                              "not_found" if exc.status_code == 404 else "http_error")
+    return anthropic_shaped(response) if request.url.path in ANTHROPIC_PATHS else response
 
 
 async def handle_any(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ async def health(request: Request) -> JSONResponse:
     gate = server.gate
     loaded = server.engine.loaded
     body = {
-        "status": gate.state.value,
+        "state": gate.state.value,
         "model": loaded.model_id if loaded else None,
         "in_flight": gate.in_flight,
         "held": gate.held,

@@ -10,11 +10,12 @@ import re
 import uuid
 from typing import Any
 
-_VALID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+# Request ids and agent ids reach logs and metrics: one short, safe alphabet for both.
+SAFE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 class RequestIdMiddleware:
-    def __init__(self, app: Any):
+    def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -22,7 +23,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _VALID.fullmatch(given) else f"req-{uuid.uuid4().hex[:16]}"
+        request_id = given if SAFE_ID.fullmatch(given) else f"req-{uuid.uuid4().hex[:16]}"
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: dict) -> None:

@@ -16,17 +16,20 @@ class TextPart(BaseModel):
     text: str
 
 
+def plain_text(content: str | list[TextPart] | None) -> str:
+    """Content as the chat template takes it: text parts joined, nothing for no content."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        return plain_text(self.content)
 
     def as_template_message(self) -> dict[str, str]:
         """The message as chat templates expect it (developer is the newer name of system)."""
@@ -85,9 +88,7 @@ class AnthropicMessage(BaseModel):
     content: str | list[TextPart]
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        return plain_text(self.content)
 
 
 class AnthropicMetadata(BaseModel):
@@ -111,7 +112,6 @@ class MessagesRequest(BaseModel):
     metadata: AnthropicMetadata | None = None
 
     def template_messages(self) -> list[dict[str, str]]:
-        system = self.system if isinstance(self.system, str) or self.system is None else \
-            "".join(part.text for part in self.system)
+        system = plain_text(self.system)
         head = [{"role": "system", "content": system}] if system else []
         return head + [{"role": m.role, "content": m.text()} for m in self.messages]

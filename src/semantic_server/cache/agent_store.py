@@ -21,11 +21,13 @@ from typing import Any
 
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import (
+    TAG_FILE,
     CacheFileError,
     CacheTag,
     agent_file_name,
     read_cache,
     read_summary,
+    read_tag_file,
     write_cache,
 )
 from semantic_server.errors import CacheWriteError
@@ -45,7 +47,7 @@ class AgentCache:
 
 class AgentCacheStore:
     def __init__(self, pool: BlockPool, cache_dir: Path | None = None, reuse: str = "exact",
-                 disk_budget_bytes: int | None = None):
+                 disk_budget_bytes: int | None = None) -> None:
         self.pool = pool
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.reuse = reuse
@@ -59,7 +61,7 @@ class AgentCacheStore:
     def _remove_partial_writes(self) -> None:
         """A process killed mid-write leaves a temporary file, never a cache file: drop it."""
         if self.cache_dir is not None and self.cache_dir.exists():
-            for leftover in self.cache_dir.glob("*/.*.tmp.safetensors"):
+            for leftover in self.cache_dir.glob("*/.*.tmp.*"):
                 leftover.unlink(missing_ok=True)
 
     # ---- tag -------------------------------------------------------------------------
@@ -152,11 +154,12 @@ class AgentCacheStore:
         exact = self._path(self.tag, agent_id)
         paths = [exact] if exact.exists() else []
         if self.reuse == "dims":
-            for tag_file in self.cache_dir.glob("*/tag.json"):
+            for tag_file in self.cache_dir.glob(f"*/{TAG_FILE}"):
                 other = tag_file.parent / agent_file_name(agent_id)
-                if other != exact and other.exists() and \
-                        CacheTag.from_json(tag_file.read_text()).shape_key() == \
-                        self.tag.shape_key():
+                if other == exact or not other.exists():
+                    continue
+                tag = read_tag_file(tag_file.parent)
+                if tag is not None and tag.shape_key() == self.tag.shape_key():
                     paths.append(other)
         return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
 

@@ -17,7 +17,7 @@ from semantic_server.models.dims import ModelDims
 class BlockPool:
     """Which agents' caches are resident, their blocks, and who is least recently used."""
 
-    def __init__(self, budget_bytes: int, block_tokens: int, dims: ModelDims | None = None):
+    def __init__(self, budget_bytes: int, block_tokens: int, dims: ModelDims | None = None) -> None:
         """A pool sized for ``dims``; without dims it holds nothing until ``reconfigure``."""
         if budget_bytes <= 0 or block_tokens <= 0:
             raise ValueError("the KV budget and block_tokens must be positive")
@@ -50,9 +50,6 @@ class BlockPool:
     @property
     def free(self) -> int:
         return self.capacity - self.used
-
-    def holds(self, agent_id: str) -> bool:
-        return agent_id in self._held
 
     def agents(self) -> list[str]:
         """Resident agents, least recently used first."""

@@ -2,8 +2,9 @@
 
 Layout (DESIGN.md section 4): ``<cache_dir>/<tag-hash>/tag.json`` describes the tag and
 ``<cache_dir>/<tag-hash>/<agent-hash>.safetensors`` holds the token ids and each layer's
-cache state (mlx-lm's own ``state`` / ``meta_state``, which covers rotating caches too),
-with the tag, agent id, token count and write time in the metadata. A write goes to a
+cache state (mlx-lm's ``state``, trimmed to the tokens in use; a rotating cache's state
+carries its window position too), with the tag, agent id, token count, each layer's cache
+class and the layout of its state in the metadata. A write goes to a
 temporary file in the same folder, is fsynced, then renamed over the old one: a crash
 leaves the old file or the new one, never half of one. File names are hashes, so no agent
 id can reach outside the folder.
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from mlx_lm.models import cache as mlx_cache
 from semantic_server.models.registry import ModelTag
 
 FORMAT_VERSION = 1
+TAG_FILE = "tag.json"
 _CACHE_CLASSES = {"KVCache": mlx_cache.KVCache, "RotatingKVCache": mlx_cache.RotatingKVCache}
 
 
@@ -124,19 +127,33 @@ def write_cache(path: Path, tag: CacheTag, agent_id: str, layers: list[Any],
         "layouts": json.dumps(layouts),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag_file = path.parent / "tag.json"
-    if not tag_file.exists():
-        tag_file.write_text(tag.to_json())
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
+        _write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
+    _write_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata))
+    return path.stat().st_size
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a temporary file beside ``path``, fsync, rename: a crash or a full disk
+    leaves the old file or the new one, never part of one."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        mx.save_safetensors(str(temporary), arrays, metadata)
+        write(temporary)
         with temporary.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    return path.stat().st_size
+
+
+def read_tag_file(folder: Path) -> CacheTag | None:
+    """The tag a cache folder was written under; None when its tag file is missing or bad
+    (the folder is then skipped by dims reuse, never a reason to fail a request)."""
+    try:
+        return CacheTag.from_json((folder / TAG_FILE).read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -177,12 +194,24 @@ def read_cache(path: Path) -> LoadedCache:
         raise CacheFileError(f"format version {tag.format_version}, expected {FORMAT_VERSION}")
     if count != len(tokens) or not len(classes) == len(states) == tag.n_layers:
         raise CacheFileError("token count or layer count does not match the metadata")
-    layers = []
-    for name, state in zip(classes, states, strict=True):
-        if name not in _CACHE_CLASSES:
-            raise CacheFileError(f"unknown cache class {name}")
-        keys = state[0]
-        if keys.ndim != 4 or keys.shape[1] != tag.n_kv_heads or keys.shape[3] != tag.head_dim:
-            raise CacheFileError(f"KV shape {tuple(keys.shape)} does not match the tag's dims")
-        layers.append(_CACHE_CLASSES[name].from_state(state))
-    return LoadedCache(agent_id, tag, layers, tokens)
+    return LoadedCache(agent_id, tag, [_layer(name, state, tag)
+                                       for name, state in zip(classes, states, strict=True)],
+                       tokens)
+
+
+def _layer(name: str, state: tuple, tag: CacheTag) -> Any:
+    """One layer's cache object, or a CacheFileError: a file whose layouts disagree with its
+    classes must be rejected like any other damaged file, not fail the agent's request."""
+    if name not in _CACHE_CLASSES:
+        raise CacheFileError(f"unknown cache class {name}")
+    keys, values = (*state, None, None)[:2]
+    if not isinstance(keys, mx.array) or keys.ndim != 4 or keys.shape[1] != tag.n_kv_heads \
+            or keys.shape[3] != tag.head_dim:
+        shape = tuple(keys.shape) if isinstance(keys, mx.array) else None
+        raise CacheFileError(f"KV shape {shape} does not match the tag's dims")
+    if not isinstance(values, mx.array) or values.shape[:3] != keys.shape[:3]:
+        raise CacheFileError(f"{name} values do not match its keys")
+    try:
+        return _CACHE_CLASSES[name].from_state(state)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise CacheFileError(f"{name} state does not rebuild: {exc}") from exc

@@ -14,6 +14,7 @@ to the AgentCacheStore; anonymous jobs share mlx-lm's LRU prefix cache instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -45,7 +46,6 @@ class SamplingParams:
 class Started:
     """The job is in the batch; ``cached_tokens`` of its prompt came from a cache."""
 
-    model_id: str
     cached_tokens: int
 
 
@@ -106,7 +106,7 @@ class BatchEngine:
     """Owns the loaded model's BatchGenerator and every KV array, on its own thread."""
 
     def __init__(self, store: AgentCacheStore, *, max_batch: int = 16,
-                 prefill_step_size: int = 512, shared_prefix_entries: int = 8):
+                 prefill_step_size: int = 512, shared_prefix_entries: int = 8) -> None:
         self.store = store
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size
@@ -117,7 +117,6 @@ class BatchEngine:
         self._generator: BatchGenerator | None = None
         self._jobs: dict[int, Job] = {}  # generator uid -> job
         self._uids: dict[str, int] = {}  # request id -> generator uid
-        self._paused = False
         self._stopping = False
 
     # ---- thread-safe API -------------------------------------------------------------
@@ -138,18 +137,17 @@ class BatchEngine:
         self._commands.put(command)
         return future
 
+    async def on_thread(self, fn: Callable[[], Any]) -> Any:
+        """Await ``fn`` run on the engine thread: how asyncio code touches MLX or the caches
+        without blocking the event loop."""
+        return await asyncio.wrap_future(self.call(fn))
+
     def submit(self, job: Job) -> None:
         self._commands.put(lambda: self._admit(job))
 
     def cancel(self, request_id: str) -> None:
         """Remove a job from the batch at once (its client went away or hit a stop string)."""
         self._commands.put(lambda: self._cancel(request_id))
-
-    def pause(self) -> Future:
-        return self.call(lambda: setattr(self, "_paused", True))
-
-    def resume(self) -> Future:
-        return self.call(lambda: setattr(self, "_paused", False))
 
     def shutdown(self) -> None:
         """Stop the thread after failing whatever is still running."""
@@ -189,14 +187,14 @@ class BatchEngine:
 
     def _run(self) -> None:
         while not self._stopping:
-            busy = bool(self._jobs) and not self._paused
+            busy = bool(self._jobs)
             try:
                 self._execute(self._commands.get(block=not busy))
                 while True:  # drain what else arrived before stepping again
                     self._execute(self._commands.get_nowait())
             except queue.Empty:
                 pass
-            if self._jobs and not self._paused and not self._stopping:
+            if self._jobs and not self._stopping:
                 self._step()
 
     def _execute(self, command: Callable[[], None]) -> None:
@@ -249,7 +247,7 @@ class BatchEngine:
             return
         self._jobs[uid] = job
         self._uids[job.request_id] = uid
-        job.emit(Started(self._loaded.model_id, cached))
+        job.emit(Started(cached))
 
     def _cancel(self, request_id: str) -> None:
         uid = self._uids.get(request_id)

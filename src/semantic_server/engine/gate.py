@@ -34,7 +34,7 @@ _TRANSITIONS = {
 
 
 class AdmissionGate:
-    def __init__(self, hold_seconds: float):
+    def __init__(self, hold_seconds: float) -> None:
         self.hold_seconds = hold_seconds
         self.state = ServerState.READY
         self.degraded_reason = ""

@@ -28,7 +28,12 @@ from semantic_server.engine.batch_engine import (
     TokenOut,
 )
 from semantic_server.engine.gate import AdmissionGate
-from semantic_server.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest
+from semantic_server.errors import (
+    ContextLengthExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotLoaded,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class Outcome:
 class StopStrings:
     """Cuts the text at the first stop string, holding back a tail that may start one."""
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.text = ""
         self.sent = 0
@@ -101,7 +106,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 class GenerationService:
-    def __init__(self, engine: BatchEngine, gate: AdmissionGate, max_context_tokens: int):
+    def __init__(self, engine: BatchEngine, gate: AdmissionGate, max_context_tokens: int) -> None:
         self.engine = engine
         self.gate = gate
         self.max_context_tokens = max_context_tokens
@@ -113,10 +118,16 @@ class GenerationService:
         return min(self.max_context_tokens, int(model_limit))
 
     async def generate(self, agent_id: str | None, messages: list[dict[str, str]],
-                       params: GenerationParams) -> AsyncIterator[str | Outcome]:
-        """Text deltas, then one Outcome. Closing the iterator early cancels the job."""
+                       params: GenerationParams, model_id: str | None = None,
+                       ) -> AsyncIterator[str | Outcome]:
+        """Text deltas, then one Outcome. Closing the iterator early cancels the job.
+
+        ``model_id``, when the request named one, must be the model loaded once the request
+        is admitted: a request held through a swap never runs on a model it did not name.
+        """
         if agent_id is None:
-            async with self.gate.admit(), aclosing(self._run(agent_id, messages, params)) as run:
+            async with self.gate.admit(), \
+                    aclosing(self._run(agent_id, messages, params, model_id)) as run:
                 async for item in run:
                     yield item
             return
@@ -125,7 +136,7 @@ class GenerationService:
         users.count += 1
         try:
             async with users.lock, self.gate.admit(), \
-                    aclosing(self._run(agent_id, messages, params)) as run:
+                    aclosing(self._run(agent_id, messages, params, model_id)) as run:
                 async for item in run:
                     yield item
         finally:
@@ -134,10 +145,14 @@ class GenerationService:
                 self._agent_locks.pop(agent_id, None)
 
     async def _run(self, agent_id: str | None, messages: list[dict[str, str]],
-                   params: GenerationParams) -> AsyncIterator[str | Outcome]:
+                   params: GenerationParams, model_id: str | None,
+                   ) -> AsyncIterator[str | Outcome]:
         loaded = self.engine.loaded
         if loaded is None:
             raise GenerationFailed("no model is loaded")
+        if model_id is not None and model_id != loaded.model_id:
+            raise ModelNotLoaded(f"model {model_id!r} is available but not loaded (loaded: "
+                                 f"{loaded.model_id}); swap to it first")
         prompt = await asyncio.to_thread(render_prompt, loaded.tokenizer, messages)
         limit = self._context_limit(loaded.config)
         if len(prompt) >= limit:

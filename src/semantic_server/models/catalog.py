@@ -41,7 +41,7 @@ def _hf_cached(repo_id: str, local_only: bool) -> Path | None:
 class ModelCatalog:
     """The list of loadable models; scanned on each call so new imports show up at once."""
 
-    def __init__(self, models_dir: Path, extra_models: list[str] | tuple[str, ...] = ()):
+    def __init__(self, models_dir: Path, extra_models: list[str] | tuple[str, ...] = ()) -> None:
         self.models_dir = Path(models_dir)
         self.extra_models = tuple(extra_models)
 

@@ -18,6 +18,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 GROUP_SIZE = 32
+# A block type decoded: integer values, per-group scales and biases, bits per value.
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, int]
 
 
 @dataclass(frozen=True)
@@ -45,27 +47,27 @@ def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(qh, axis=-1, bitorder="little")[..., :count]
 
 
-def _q4_0(b: np.ndarray):
+def _q4_0(b: np.ndarray) -> Decoded:
     d = _f16(b[..., 0:2])
     return _nibbles(b[..., 2:18]), d, -8.0 * d, 4
 
 
-def _q4_1(b: np.ndarray):
+def _q4_1(b: np.ndarray) -> Decoded:
     return _nibbles(b[..., 4:20]), _f16(b[..., 0:2]), _f16(b[..., 2:4]), 4
 
 
-def _q5_0(b: np.ndarray):
+def _q5_0(b: np.ndarray) -> Decoded:
     d = _f16(b[..., 0:2])
     q = _nibbles(b[..., 6:22]) | (_high_bits(b[..., 2:6], 32) << 4)
     return q, d, -16.0 * d, 5
 
 
-def _q5_1(b: np.ndarray):
+def _q5_1(b: np.ndarray) -> Decoded:
     q = _nibbles(b[..., 8:24]) | (_high_bits(b[..., 4:8], 32) << 4)
     return q, _f16(b[..., 0:2]), _f16(b[..., 2:4]), 5
 
 
-def _q8_0(b: np.ndarray):
+def _q8_0(b: np.ndarray) -> Decoded:
     d = _f16(b[..., 0:2])
     q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     return q, d, -128.0 * d, 8
@@ -87,17 +89,17 @@ def _k_values(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([chunks & 0x0F, chunks >> 4], axis=-1).reshape(*qs.shape[:-1], 256)
 
 
-def _k_affine(d: np.ndarray, dmin: np.ndarray, s: np.ndarray):
+def _k_affine(d: np.ndarray, dmin: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc, m = _k_scales(s)
     return d[..., None] * sc, -(dmin[..., None] * m)
 
 
-def _q4_k(b: np.ndarray):
+def _q4_k(b: np.ndarray) -> Decoded:
     scales, biases = _k_affine(_f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:16])
     return _k_values(b[..., 16:144]), scales, biases, 4
 
 
-def _q5_k(b: np.ndarray):
+def _q5_k(b: np.ndarray) -> Decoded:
     scales, biases = _k_affine(_f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:16])
     low = _k_values(b[..., 48:176])
     # qh byte l holds bit 2j (chunk j, low half) and bit 2j+1 (chunk j, high half) of element l.

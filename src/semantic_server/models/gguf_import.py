@@ -292,7 +292,10 @@ def import_gguf(gguf_path: Path, dest: Path, chat_template: Path | None = None,
     if arch is None:
         raise GGUFImportError(f"unsupported architecture {gguf_arch!r} "
                               f"(supported: {', '.join(sorted(ARCHITECTURES))})")
-    template = chat_template.read_text() if chat_template else None
+    try:
+        template = Path(chat_template).read_text() if chat_template else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GGUFImportError(f"cannot read the chat template {chat_template}: {exc}") from exc
 
     def get(key: str, default: Any = None) -> Any:
         value = _field(reader, f"{gguf_arch}.{key}", default)

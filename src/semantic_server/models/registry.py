@@ -53,7 +53,6 @@ class ModelTag:
 @dataclass(frozen=True)
 class LoadStats:
     seconds: float
-    warmup_seconds: float
     before: MemorySnapshot
     after: MemorySnapshot
 
@@ -117,7 +116,7 @@ def _check_dims(dims: ModelDims, cache: list[Any]) -> ModelDims:
 class ModelRegistry:
     """Holds at most one loaded model."""
 
-    def __init__(self, catalog: ModelCatalog, compute_dtype: str = "auto"):
+    def __init__(self, catalog: ModelCatalog, compute_dtype: str = "auto") -> None:
         self.catalog = catalog
         self.compute_dtype = resolve_compute_dtype(compute_dtype)
         self.current: LoadedModel | None = None
@@ -161,7 +160,6 @@ class ModelRegistry:
                 model = dequantize_model(model)
                 model.set_dtype(self.compute_dtype)
             mx.eval(model.parameters())
-            warm_started = time.perf_counter()
             cache = _warm_up(model, tokenizer)
         except (ModelLoadError, ModelInvalid):
             raise
@@ -173,8 +171,7 @@ class ModelRegistry:
         dims = _check_dims(dims_from_config(config, kv_dtype), cache)
         del cache
         tag = ModelTag(model_id, weights_fingerprint(path), dims)
-        done = time.perf_counter()
-        stats = LoadStats(done - started, done - warm_started, before, MemorySnapshot.now())
+        stats = LoadStats(time.perf_counter() - started, before, MemorySnapshot.now())
         self.current = LoadedModel(model_id, path, model, tokenizer, config, tag, stats)
         return self.current
 

@@ -59,7 +59,7 @@ class SwapResult:
 
 
 class _StepFailed(Exception):
-    def __init__(self, step: str, cause: BaseException):
+    def __init__(self, step: str, cause: BaseException) -> None:
         super().__init__(f"{step} failed: {cause}")
         self.step = step
 
@@ -74,7 +74,7 @@ def _estimated_bytes(path: Path, config: dict[str, Any], compute_float32: bool) 
 class ModelSwapOrchestrator:
     def __init__(self, *, catalog: ModelCatalog, registry: ModelRegistry, engine: BatchEngine,
                  pool: BlockPool, store: AgentCacheStore, gate: AdmissionGate,
-                 block_tokens: int, history: int = 20):
+                 block_tokens: int, history: int = 20) -> None:
         self.catalog = catalog
         self.registry = registry
         self.engine = engine
@@ -84,9 +84,6 @@ class ModelSwapOrchestrator:
         self.block_tokens = block_tokens
         self.history: deque[SwapResult] = deque(maxlen=history)
         self._lock = asyncio.Lock()
-
-    async def _on_engine(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self.engine.call(fn))
 
     def preflight(self, model_id: str) -> None:
         """Refuse a target that cannot work before anything stops (404 / 422)."""
@@ -130,16 +127,18 @@ class ModelSwapOrchestrator:
             "from": result.old_model_id, "to": result.new_model_id}})
         return value
 
+    async def _engine_step(self, result: SwapResult, name: str, fn: Callable[[], Any]) -> Any:
+        """A timed step that touches MLX, the pool or the caches: run on the engine thread."""
+        return await self._timed(result, name, lambda: self.engine.on_thread(fn))
+
     async def _bring_up(self, result: SwapResult, model_id: str) -> LoadedModel:
         """Steps 5-8: load, reconfigure, retag, reinit."""
-        loaded = await self._timed(result, "load",
-                                   lambda: self._on_engine(lambda: self.registry.load(model_id)))
-        await self._timed(result, "reconfigure",
-                          lambda: self._on_engine(lambda: self.pool.reconfigure(loaded.dims)))
+        loaded = await self._engine_step(result, "load", lambda: self.registry.load(model_id))
+        await self._engine_step(result, "reconfigure",
+                                lambda: self.pool.reconfigure(loaded.dims))
         tag = CacheTag.for_model(loaded.tag, self.block_tokens)
-        await self._timed(result, "retag", lambda: self._on_engine(lambda: self.store.retag(tag)))
-        await self._timed(result, "reinit",
-                          lambda: self._on_engine(lambda: self.engine.attach(loaded)))
+        await self._engine_step(result, "retag", lambda: self.store.retag(tag))
+        await self._engine_step(result, "reinit", lambda: self.engine.attach(loaded))
         return loaded
 
     async def _swap(self, model_id: str, timeout: float) -> SwapResult:
@@ -159,8 +158,7 @@ class ModelSwapOrchestrator:
             self.gate.transition(ServerState.READY)
             raise exc.__cause__ from None
         try:
-            evicted = await self._timed(result, "evict", lambda: self._on_engine(
-                self.store.evict_all))
+            evicted = await self._engine_step(result, "evict", self.store.evict_all)
         except _StepFailed as failure:  # e.g. a full disk: nothing unloaded, nothing lost
             result.failed_step = failure.step
             result.status = "rolled_back"
@@ -172,10 +170,9 @@ class ModelSwapOrchestrator:
             return result
         try:
             result.evicted_agents = len(evicted)
-            await self._timed(result, "shutdown", lambda: self._on_engine(self.engine.detach))
+            await self._engine_step(result, "shutdown", self.engine.detach)
             if self.registry.current is not None:
-                unload = await self._timed(result, "unload",
-                                           lambda: self._on_engine(self.registry.unload))
+                unload = await self._engine_step(result, "unload", self.registry.unload)
                 result.memory = {"active_before_unload": unload.before.active_bytes,
                                  "active_after_unload": unload.after.active_bytes,
                                  "rss_after_unload": unload.after.rss_bytes}
@@ -195,7 +192,7 @@ class ModelSwapOrchestrator:
         reason = str(failure)
         result.failed_step = failure.step
         try:
-            await self._on_engine(self._drop_partial)
+            await self.engine.on_thread(self._drop_partial)
             if old is None:
                 raise RuntimeError("no previous model to roll back to")
             await self._bring_up(SwapResult("", old, old), old)
