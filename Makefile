@@ -6,14 +6,19 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := models/.fetched
 
-.PHONY: serve test lint experiments setup clean-models
+.PHONY: serve test test-fast lint experiments setup clean-models
 
 serve: setup
 	$(VENV)/bin/semantic-server serve
 
+# The fast tier (tests/unit: fakes, in process) runs first; then the real models and servers.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# The fast tier alone: no real model needed, under a minute.
+test-fast: $(INSTALLED)
+	$(VENV)/bin/pytest tests/unit
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 
 from experiments.harness import GEMMA, SMOLLM2, Harness, arguments, history, write_results
 from semantic_server.models.registry import resolve_compute_dtype
-from semantic_server.swap.orchestrator import STEPS
+from semantic_server.swap.orchestrator import SwapStep
 
 DIRECTIONS = ((SMOLLM2, GEMMA), (GEMMA, SMOLLM2), (SMOLLM2, SMOLLM2))
 
@@ -65,7 +65,7 @@ def main() -> None:
         for source, target in DIRECTIONS:
             for agents in agent_counts:
                 for rep in range(repetitions):
-                    if harness.server.engine.loaded.model_id != source:
+                    if harness.server.snapshot().model_id != source:
                         harness.swap(source)
                     warm_agents(harness, agents, agent_tokens)
                     result = harness.swap(target)
@@ -97,7 +97,7 @@ def main() -> None:
                 "total_median_ms": statistics.median(totals),
                 "total_min_ms": min(totals), "total_max_ms": max(totals),
                 "steps_median_ms": {s: statistics.median(r["steps_ms"][s] for r in group)
-                                    for s in STEPS},
+                                    for s in SwapStep},
                 "control_overhead_median_ms": statistics.median(overhead),
                 "floor_ms": floor,
                 "total_over_floor": statistics.median(totals) / floor,
@@ -110,7 +110,7 @@ def main() -> None:
     labels = [f"{short[s['source']]}->{short[s['target']]}\n{s['agents']} agents"
               for s in summary]
     bottom = [0.0] * len(summary)
-    for step in STEPS:
+    for step in SwapStep:
         values = [s["steps_median_ms"][step] / 1e3 for s in summary]
         ax.bar(labels, values, bottom=bottom, label=step)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]

@@ -25,7 +25,7 @@ import semantic_server  # noqa: F401  (OpenBLAS before mlx)
 from semantic_server.app import ServerContext, start_server, stop_server
 from semantic_server.blas import blas_status
 from semantic_server.config import Settings
-from semantic_server.engine.batch_engine import SamplingParams
+from semantic_server.engine.jobs import SamplingParams
 from semantic_server.engine.service import GenerationParams, Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,8 @@ class Harness:
             if isinstance(item, Outcome):
                 return Turn("".join(text), item.ttft_seconds or 0.0, item.cached_tokens,
                             item.prompt_tokens)
-            text.append(item)
+            if isinstance(item, str):
+                text.append(item)
         raise RuntimeError("the generation ended without an outcome")
 
     def turn(self, agent: str | None, messages: list[dict[str, str]],

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from experiments.servers import free_port
 from semantic_server.blas import blas_status
-from tests.e2e.server import free_port
 
 
 def float32_copy(model_dir: Path, dest: Path) -> Path:

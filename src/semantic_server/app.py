@@ -7,10 +7,10 @@ any settings, and nothing else in the package holds global state.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import uvicorn
@@ -24,15 +24,15 @@ from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
-from semantic_server.cache.cache_file import CacheTag
 from semantic_server.config import Settings
-from semantic_server.engine.batch_engine import BatchEngine
+from semantic_server.engine.batch_engine import BatchEngine, GeneratorFactory, batch_generator
 from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.service import GenerationService
 from semantic_server.errors import CacheWriteError, SemanticServerError
 from semantic_server.models.catalog import ModelCatalog
-from semantic_server.models.registry import LoadedModel, MemorySnapshot, ModelRegistry
+from semantic_server.models.registry import ModelRegistry
 from semantic_server.observability import Metrics, configure_logging
+from semantic_server.snapshot import ServerSnapshot, take_snapshot
 from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 log = logging.getLogger("semantic_server")
@@ -53,58 +53,60 @@ class ServerContext:
     orchestrator: ModelSwapOrchestrator
     metrics: Metrics
 
+    def snapshot(self) -> ServerSnapshot:
+        return take_snapshot(self.engine, self.gate, self.pool, self.store)
+
 
 def kv_budget(settings: Settings) -> int:
     """The configured KV budget, or a quarter of the memory free at startup."""
     return settings.kv_budget_bytes or psutil.virtual_memory().available // 4
 
 
-async def start_server(settings: Settings) -> ServerContext:
-    """Load the startup model on the engine thread and assemble the server around it."""
+def disk_budget(settings: Settings) -> int:
+    """The configured disk budget for cold caches, or half the free space of the disk that
+    holds the cache folder at startup."""
+    if settings.cache_disk_bytes:
+        return settings.cache_disk_bytes
+    folder = settings.cache_dir
+    while not folder.exists():  # the folder is created on the first write
+        folder = folder.parent
+    return shutil.disk_usage(folder).free // 2
+
+
+async def start_server(settings: Settings, *, registry: ModelRegistry | None = None,
+                       make_generator: GeneratorFactory = batch_generator) -> ServerContext:
+    """Load the startup model on the engine thread and assemble the server around it.
+
+    ``registry`` and ``make_generator`` replace the real model loading and generation (the
+    fast tests give fakes that compute no model); everything else is the real server.
+    """
     catalog = ModelCatalog(settings.models_dir, settings.extra_models)
-    registry = ModelRegistry(catalog, settings.compute_dtype)
+    registry = registry or ModelRegistry(catalog, settings.compute_dtype)
     pool = BlockPool(kv_budget(settings), settings.block_tokens)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
-                             settings.cache_disk_bytes)
+                             disk_budget(settings))
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
-                         shared_prefix_entries=settings.shared_prefix_entries)
+                         shared_prefix_entries=settings.shared_prefix_entries,
+                         make_generator=make_generator)
+    gate = AdmissionGate(settings.swap_hold_seconds)
+    metrics = Metrics(lambda: take_snapshot(engine, gate, pool, store))
+    service = GenerationService(engine, gate, catalog, metrics, settings.max_context_tokens)
+    orchestrator = ModelSwapOrchestrator(catalog=catalog, registry=registry, engine=engine,
+                                         pool=pool, store=store, gate=gate, observer=metrics,
+                                         block_tokens=settings.block_tokens)
     engine.start()
     log.info("BLAS: %s", blas_status().detail)
-
-    def load_and_attach() -> LoadedModel:
-        loaded = registry.load(settings.model)
-        pool.reconfigure(loaded.dims)
-        store.retag(CacheTag.for_model(loaded.tag, settings.block_tokens))
-        engine.attach(loaded)
-        return loaded
-
     try:
-        loaded = await engine.on_thread(load_and_attach)
+        loaded = await orchestrator.start(settings.model)
     except BaseException:
         engine.shutdown()
         raise
-    log.info("serving %s (load %.2f s; KV budget %d MiB = %d blocks of %d tokens)",
-             loaded.model_id, loaded.stats.seconds, pool.budget_bytes // 2**20, pool.capacity,
-             pool.block_tokens)
-    gate = AdmissionGate(settings.swap_hold_seconds)
-    service = GenerationService(engine, gate, settings.max_context_tokens)
-    orchestrator = ModelSwapOrchestrator(catalog=catalog, registry=registry, engine=engine,
-                                         pool=pool, store=store, gate=gate,
-                                         block_tokens=settings.block_tokens)
-    def read_state() -> dict[str, Any]:
-        loaded = engine.loaded
-        memory = MemorySnapshot.now()
-        return {"model_id": loaded.model_id if loaded else None,
-                "tag": store.tag.digest if store.tag else None,
-                "lookups": dict(store.lookups), "write_failures": store.write_failures,
-                **store.residency(),
-                "blocks_used": pool.used, "blocks_free": pool.free,
-                "in_flight": gate.in_flight, "held": gate.held,
-                "mlx_active": memory.active_bytes, "rss": memory.rss_bytes}
-
+    log.info("serving %s (load %.2f s; KV budget %d MiB = %d blocks of %d tokens; disk "
+             "budget %d MiB)", loaded.model_id, loaded.stats.seconds, pool.budget_bytes // 2**20,
+             pool.capacity, pool.block_tokens, store.disk_budget_bytes // 2**20)
     return ServerContext(settings, catalog, registry, engine, pool, store, gate, service,
-                         orchestrator, Metrics(read_state))
+                         orchestrator, metrics)
 
 
 async def stop_server(server: ServerContext) -> None:
@@ -118,12 +120,15 @@ async def stop_server(server: ServerContext) -> None:
         server.engine.shutdown()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None,
+               make_generator: GeneratorFactory = batch_generator) -> Starlette:
+    """The ASGI app; ``registry`` and ``make_generator`` as for :func:`start_server`."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.server = await start_server(settings)
+        app.state.server = await start_server(settings, registry=registry,
+                                              make_generator=make_generator)
         try:
             yield
         finally:

@@ -93,16 +93,24 @@ def _swap(args: argparse.Namespace, settings: Settings) -> None:
         raise CliError(f"swap {result['status']}")
 
 
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def _status(args: argparse.Namespace, settings: Settings) -> None:
     current = _admin(settings, args.url, "GET", "/admin/models/current", timeout=30)
     dims = current["dims"] or {}
     pool = current["kv_pool"]
+    caches = current["caches"]
     rows = [["model", str(current["model_id"])], ["state", current["state"]],
             ["dims", f"{dims.get('n_layers')} layers x {dims.get('n_kv_heads')} KV heads x "
                      f"{dims.get('head_dim')} ({dims.get('kv_dtype')})"],
             ["cache tag", str(current["tag"])],
             ["KV pool", f"{pool['used_blocks']}/{pool['capacity_blocks']} blocks of "
                         f"{pool['block_tokens']} tokens"],
+            ["agent caches", f"{caches['hot_agents']} hot ({mib(caches['hot_bytes'])}), "
+                             f"{caches['cold_agents']} on disk ({mib(caches['cold_bytes'])} of "
+                             f"{mib(caches['disk_budget_bytes'])} budget)"],
             ["MLX active", f"{current['memory']['mlx_active_bytes'] / 2**20:.0f} MiB"],
             ["RSS", f"{current['memory']['rss_bytes'] / 2**20:.0f} MiB"]]
     if current.get("reason"):

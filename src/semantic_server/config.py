@@ -6,6 +6,7 @@ server with any combination of them without touching the environment.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class CacheReuse(StrEnum):
+    """Which cold caches a model may load."""
+
+    EXACT = "exact"  # only those written by the same weights
+    DIMS = "dims"  # any written by a model of the same cache geometry
 
 
 class Settings(BaseSettings):
@@ -62,11 +70,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "semantic-server" / "agents",
         description="Where evicted agent caches live, one folder per model tag.")
-    cache_reuse: Literal["exact", "dims"] = Field(
-        "exact", description="exact: a cache loads only on the weights that wrote it; dims: "
-        "on any model with the same cache shape.")
+    cache_reuse: CacheReuse = Field(
+        CacheReuse.EXACT, description="exact: a cache loads only on the weights that wrote "
+        "it; dims: on any model with the same cache shape.")
     cache_disk_bytes: int | None = Field(
-        None, gt=0, description="Disk budget of cold caches; the oldest go first.")
+        None, gt=0, description="Disk budget of cold caches, the oldest deleted first to make "
+        "room; default half the free space of the cache folder's disk at startup.")
 
     # Admin and swaps
     admin_key: SecretStr | None = Field(

@@ -70,10 +70,6 @@ class SwapInProgress(SemanticServerError):
     """Only one swap runs at a time."""
 
 
-class SwapTimeout(SemanticServerError):
-    """The drain did not finish in time; the swap was aborted and nothing changed."""
-
-
 class AdminDisabled(SemanticServerError):
     """No admin key is configured, so the admin API is off."""
 

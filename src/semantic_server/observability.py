@@ -13,11 +13,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from semantic_server.engine.service import Outcome
+    from semantic_server.snapshot import ServerSnapshot
+    from semantic_server.swap.orchestrator import SwapResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 
@@ -27,8 +32,19 @@ def hash_agent(agent_id: str | None) -> str | None:
     return hashlib.sha256(agent_id.encode()).hexdigest()[:12] if agent_id else None
 
 
+class Observer(Protocol):
+    """What the parts that do the work report as it happens (the service, the swap)."""
+
+    def request_finished(self, outcome: Outcome) -> None: ...
+
+    def swap_finished(self, result: SwapResult) -> None: ...
+
+
 class Metrics:
-    def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
+    """The Prometheus registry of one server: an Observer for events, a collector for
+    states (read from the server's snapshot at scrape time)."""
+
+    def __init__(self, read_snapshot: Callable[[], ServerSnapshot]) -> None:
         self.registry = CollectorRegistry()
         self.swaps = Counter("semantic_swaps", "Model swaps by result", ["result"],
                              registry=self.registry)
@@ -40,56 +56,60 @@ class Metrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("semantic_tokens", "Tokens by kind", ["kind"],
                               registry=self.registry)
-        self.registry.register(_StateCollector(read_state))
+        self.registry.register(_StateCollector(read_snapshot))
 
-    def observe_request(self, model: str, prompt: int, cached: int, generated: int,
-                        ttft: float | None, seconds: float) -> None:
-        self.tokens.labels("prompt").inc(prompt)
-        self.tokens.labels("cached").inc(cached)
-        self.tokens.labels("generated").inc(generated)
-        if ttft is not None:
-            self.ttft.labels(model).observe(ttft)
-        self.latency.labels(model).observe(seconds)
+    def request_finished(self, outcome: Outcome) -> None:
+        self.tokens.labels("prompt").inc(outcome.prompt_tokens)
+        self.tokens.labels("cached").inc(outcome.cached_tokens)
+        self.tokens.labels("generated").inc(outcome.completion_tokens)
+        if outcome.ttft_seconds is not None:
+            self.ttft.labels(outcome.model_id).observe(outcome.ttft_seconds)
+        self.latency.labels(outcome.model_id).observe(outcome.seconds)
 
-    def observe_swap(self, result: dict[str, Any]) -> None:
-        self.swaps.labels(result["status"]).inc()
-        for step in result["steps"]:
-            self.swap_steps.labels(step["name"]).observe(step["duration_ms"] / 1e3)
+    def swap_finished(self, result: SwapResult) -> None:
+        self.swaps.labels(result.status.value).inc()
+        for step in (*result.steps, *result.rollback_steps):
+            self.swap_steps.labels(step.name.value).observe(step.duration_ms / 1e3)
 
 
 class _StateCollector(Collector):
-    """Gauges (and the cache lookup counters the store keeps) read at scrape time."""
+    """Gauges (and the cache counters the store keeps) read from a snapshot at scrape time."""
 
-    def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
-        self.read_state = read_state
+    def __init__(self, read_snapshot: Callable[[], ServerSnapshot]) -> None:
+        self.read_snapshot = read_snapshot
 
     def collect(self) -> Iterator[Any]:
-        state = self.read_state()
+        state = self.read_snapshot()
         info = InfoMetricFamily("semantic_model", "The loaded model")
-        if state["model_id"]:
-            info.add_metric([], {"model_id": state["model_id"], "tag": state["tag"] or ""})
+        if state.model_id:
+            info.add_metric([], {"model_id": state.model_id, "tag": state.tag or ""})
         yield info
         lookups = CounterMetricFamily("semantic_cache_lookups", "Agent cache lookups by outcome",
                                       labels=["outcome"])
-        for outcome in ("hot", "disk", "miss", "rejected"):
-            lookups.add_metric([outcome], state["lookups"].get(outcome, 0))
+        for outcome, count in state.lookups.items():
+            lookups.add_metric([outcome.value], count)
         yield lookups
         yield CounterMetricFamily("semantic_cache_write_failures",
                                   "Agent cache files that could not be written (a full disk)",
-                                  value=state["write_failures"])
+                                  value=state.write_failures)
+        yield CounterMetricFamily("semantic_cache_disk_deletions",
+                                  "Cold agent caches deleted to keep within the disk budget",
+                                  value=state.disk_deletions)
+        caches = state.caches
         for name, doc, labels, values in (
             ("semantic_agents", "Agents with a cache, by residency", ["residency"],
-             {("hot",): state["hot_agents"], ("cold",): state["cold_agents"]}),
+             {("hot",): caches.hot_agents, ("cold",): caches.cold_agents}),
             ("semantic_agent_cache_bytes", "Bytes of agent caches, by residency", ["residency"],
-             {("hot",): state["hot_bytes"], ("cold",): state["cold_bytes"]}),
+             {("hot",): caches.hot_bytes, ("cold",): caches.cold_bytes}),
             ("semantic_kv_blocks", "KV pool blocks", ["state"],
-             {("used",): state["blocks_used"], ("free",): state["blocks_free"]}),
+             {("used",): state.pool.used_blocks,
+              ("free",): state.pool.capacity_blocks - state.pool.used_blocks}),
             ("semantic_requests_in_flight", "Requests running", ["model"],
-             {(state["model_id"] or "none",): state["in_flight"]}),
+             {(state.model_id or "none",): state.in_flight}),
             ("semantic_requests_held", "Requests waiting for a swap to end", [],
-             {(): state["held"]}),
+             {(): state.held}),
             ("semantic_memory_bytes", "Memory", ["kind"],
-             {("mlx_active",): state["mlx_active"], ("rss",): state["rss"]}),
+             {("mlx_active",): state.memory.active_bytes, ("rss",): state.memory.rss_bytes}),
         ):
             family = GaugeMetricFamily(name, doc, labels=labels)
             for label_values, value in values.items():

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
-from tests.e2e.server import ServerProcess
 
 KEY = "fuzz-key"
 FUZZ = settings(max_examples=250, deadline=None, derandomize=True,

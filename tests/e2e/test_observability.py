@@ -5,23 +5,10 @@ from __future__ import annotations
 import json
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
-from tests.e2e.server import ServerProcess
-from tests.e2e.test_swap import ADMIN, GREEDY, KEY, swap
-
-
-def scrape(server: ServerProcess) -> dict[tuple, float]:
-    response = httpx.get(f"{server.url}/metrics", timeout=30)
-    assert response.status_code == 200
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples}
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from tests.e2e.helpers import ADMIN, GREEDY, KEY, scrape, swap, value
 
 
 def test_metrics_logs_and_request_ids(models_dir, tmp_path):

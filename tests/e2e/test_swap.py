@@ -8,18 +8,10 @@ import shutil
 import httpx
 import pytest
 
+from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import agent_file_name
 from tests.conftest import GEMMA, SMOLLM2
-from tests.e2e.server import ServerProcess
-
-KEY = "test-admin-key"
-ADMIN = {"X-Admin-Key": KEY}
-GREEDY = {"temperature": 0}
-HISTORY = (
-    "Here are my notes about the expedition. The team left the harbour at dawn, crossed "
-    "the strait, and set up camp near the old lighthouse. They measured the tides, counted "
-    "the birds on the cliffs and wrote down everything the fishermen told them. "
-) * 30
+from tests.e2e.helpers import ADMIN, GREEDY, HISTORY, KEY, swap
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +21,6 @@ def swap_server(models_dir, tmp_path_factory):
     server.cache_dir = cache_dir
     yield server
     server.stop()
-
-
-def swap(server: ServerProcess, model_id: str, **extra) -> httpx.Response:
-    return httpx.post(f"{server.url}/admin/models/swap", json={"model_id": model_id, **extra},
-                      headers=ADMIN, timeout=600)
 
 
 def test_admin_key_is_required(swap_server, smol_server):

@@ -12,10 +12,11 @@ import httpx
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import read_cache
 from tests.conftest import GEMMA, SMOLLM2
-from tests.e2e.server import ServerProcess
-from tests.e2e.test_swap import GREEDY, HISTORY, KEY, swap
+from tests.e2e.helpers import GREEDY, HISTORY, KEY, swap
+from tests.polling import wait_for
 
 
 def _all_cache_files_valid(cache_dir) -> int:
@@ -79,8 +80,9 @@ def test_kill_9_mid_write_leaves_valid_files(models_dir, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: httpx.post(f"{server.url}/admin/models/swap", timeout=600,
                                        json={"model_id": GEMMA}, headers={"X-Admin-Key": KEY}))
-        while not list(tmp_path.glob("*/.*.tmp.safetensors")):
-            pass  # spin until a cache file is being written, then kill in the middle of it
+        # kill in the middle of a cache file's write (a 40 MB file takes tens of ms)
+        wait_for(lambda: list(tmp_path.glob("*/.*.tmp.safetensors")), timeout=120,
+                 interval=0.001, what="a cache file being written")
         server.stop(signal.SIGKILL)
     partial = list(tmp_path.glob("*/.*.tmp.safetensors"))
     print("killed while writing", [p.name for p in partial])

@@ -9,18 +9,17 @@ import concurrent.futures
 import json
 import math
 import shutil
-import time
 
 import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import agent_file_name, read_summary
 from tests.conftest import GEMMA, SMOLLM2
-from tests.e2e.server import ServerProcess
-from tests.e2e.test_observability import scrape, value
-from tests.e2e.test_swap import ADMIN, GREEDY, HISTORY, KEY, swap
+from tests.e2e.helpers import ADMIN, GREEDY, HISTORY, KEY, scrape, swap, value
+from tests.polling import wait_for
 
 
 def _copy_model(source, dest):
@@ -82,8 +81,7 @@ def test_second_swap_is_409_and_drain_timeout_aborts(fragile_server):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         writing = pool.submit(lambda: client.chat.completions.create(
             model="fragile", messages=story, max_tokens=150, **GREEDY))
-        while fragile_server.health()["active_sequences"] == 0:
-            time.sleep(0.05)  # wait until the story is being generated
+        wait_for(lambda: fragile_server.health()["active_sequences"], what="the story runs")
         aborted = swap(fragile_server, SMOLLM2, timeout_seconds=0.5)
         assert aborted.status_code == 504, aborted.text
         assert fragile_server.health()["model"] == "fragile"
@@ -100,11 +98,10 @@ def test_second_swap_is_409_and_drain_timeout_aborts(fragile_server):
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(swap, fragile_server, GEMMA)
-        while fragile_server.health()["state"] != "swapping":
-            time.sleep(0.02)
+        wait_for(lambda: fragile_server.health()["state"] == "swapping", what="swapping")
         old_model, new_model = pool.submit(chat, "fragile"), pool.submit(chat, GEMMA)
-        while fragile_server.health()["held"] < 2 and not (old_model.done() or new_model.done()):
-            time.sleep(0.02)
+        wait_for(lambda: fragile_server.health()["held"] >= 2 or old_model.done()
+                 or new_model.done(), what="two held requests")
         assert fragile_server.health()["held"] == 2, (old_model.done(), new_model.done())
         second = swap(fragile_server, SMOLLM2)
         assert second.status_code == 409, second.text
@@ -145,8 +142,7 @@ def test_requests_held_past_the_limit_get_503_with_retry_after(models_dir, tmp_p
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             swapping = pool.submit(swap, server, GEMMA)
-            while server.health()["state"] != "swapping":
-                time.sleep(0.02)
+            wait_for(lambda: server.health()["state"] == "swapping", what="swapping")
             held = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                               json={"messages": [{"role": "user", "content": "hi"}]})
             assert swapping.result().json()["status"] == "success"
@@ -184,7 +180,7 @@ def test_full_disk_during_eviction_rolls_back_and_loses_nothing(tmp_path):
         response = swap(server, SMOLLM2)
         body = response.json()
         assert response.status_code == 507, body
-        assert body["status"] == "rolled_back" and body["failed_step"] == "evict"
+        assert body["status"] == "aborted" and body["failed_step"] == "evict"
         assert "could not be written" in body["message"], body["message"]
         assert [s["name"] for s in body["steps"]] == ["drain", "evict"]
         assert server.health()["state"] == "ready"

@@ -9,9 +9,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from semantic_server.cache.agent_store import AgentCache, AgentCacheStore
+from semantic_server.cache.agent_store import AgentCacheStore, Lookup
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import (
+    AgentCache,
     CacheFileError,
     CacheTag,
     agent_file_name,
@@ -57,7 +58,7 @@ def test_block_pool_counts_blocks_and_picks_lru_victims():
 def test_cache_file_round_trip_trims_and_keeps_offsets(tmp_path):
     layers = _layers(23)
     path = tmp_path / "t" / agent_file_name("agent-1")
-    size = write_cache(path, TAG, "agent-1", layers, list(range(23)))
+    size = write_cache(path, TAG, AgentCache("agent-1", layers, list(range(23))))
     assert size == path.stat().st_size
     assert not list(path.parent.glob(".*tmp*"))
     loaded = read_cache(path)
@@ -71,7 +72,7 @@ def test_cache_file_round_trip_trims_and_keeps_offsets(tmp_path):
 
 def test_damaged_file_is_a_cache_file_error(tmp_path):
     path = tmp_path / agent_file_name("agent-1")
-    write_cache(path, TAG, "agent-1", _layers(5), list(range(5)))
+    write_cache(path, TAG, AgentCache("agent-1", _layers(5), list(range(5))))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CacheFileError):
@@ -87,9 +88,9 @@ def test_store_evicts_lru_to_disk_and_restores(tmp_path):
     assert list(store.hot_agents()) == ["b", "c"]  # "a" went to disk to make room
     assert (tmp_path / TAG.digest / agent_file_name("a")).exists()
     back = store.checkout("a")
-    assert back is not None and back.tokens == list(range(8)) and store.lookups["disk"] == 1
-    assert store.checkout("nobody") is None and store.lookups["miss"] == 1
-    assert store.checkout("c") is not None and store.lookups["hot"] == 1
+    assert back is not None and back.tokens == list(range(8)) and store.lookups[Lookup.DISK] == 1
+    assert store.checkout("nobody") is None and store.lookups[Lookup.MISS] == 1
+    assert store.checkout("c") is not None and store.lookups[Lookup.HOT] == 1
 
 
 def test_store_rejects_other_dims_and_quarantines(tmp_path):
@@ -97,18 +98,18 @@ def test_store_rejects_other_dims_and_quarantines(tmp_path):
     store = AgentCacheStore(pool, tmp_path)
     store.retag(TAG)
     other = CacheTag("other", "beef", 2, 1, 8, 4, "float32", (None, None))
-    write_cache(tmp_path / TAG.digest / agent_file_name("a"), other, "a", _layers(4),
-                list(range(4)))
+    write_cache(tmp_path / TAG.digest / agent_file_name("a"), other,
+                AgentCache("a", _layers(4), list(range(4))))
     assert store.checkout("a") is None
-    assert store.lookups["rejected"] == 1
+    assert store.lookups[Lookup.REJECTED] == 1
     reasons = list((tmp_path / "quarantine").glob("*.reason.txt"))
     assert len(reasons) == 1 and "dims differ" in reasons[0].read_text()
 
 
 def test_disk_budget_deletes_the_oldest_cold_caches(tmp_path):
     pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
-    one_file = write_cache(tmp_path / "probe" / "x.safetensors", TAG, "x", _layers(8),
-                           list(range(8)))
+    one_file = write_cache(tmp_path / "probe" / "x.safetensors", TAG,
+                           AgentCache("x", _layers(8), list(range(8))))
     store = AgentCacheStore(pool, tmp_path / "caches", disk_budget_bytes=int(one_file * 2.5))
     store.retag(TAG)
     for agent in ("a", "b", "c", "d"):
@@ -148,12 +149,12 @@ def test_file_whose_state_does_not_fit_its_class_is_rejected_not_raised(tmp_path
     store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS), tmp_path)
     store.retag(TAG)
     path = tmp_path / TAG.digest / agent_file_name("a")
-    write_cache(path, TAG, "a", _layers(6), list(range(6)))
+    write_cache(path, TAG, AgentCache("a", _layers(6), list(range(6))))
     layouts = json.loads(mx.load(str(path), return_metadata=True)[1]["layouts"])
     _rewrite_metadata(path, layouts=json.dumps([layout, layouts[1]]))
     with pytest.raises(CacheFileError):
         read_cache(path)
-    assert store.checkout("a") is None and store.lookups["rejected"] == 1
+    assert store.checkout("a") is None and store.lookups[Lookup.REJECTED] == 1
     assert not path.exists() and len(list((tmp_path / "quarantine").glob("*.reason.txt"))) == 1
 
 
@@ -165,12 +166,13 @@ def test_a_bad_tag_file_is_skipped_by_dims_reuse(tmp_path):
     store.retag(TAG)
     twin = CacheTag("twin", "cafe", *TAG.shape_key()[:3], 4, "float32", (None, 16))
     for agent in ("a", "b"):
-        write_cache(tmp_path / twin.digest / agent_file_name(agent), twin, agent, _layers(6),
-                    list(range(6)))
+        write_cache(tmp_path / twin.digest / agent_file_name(agent), twin,
+                    AgentCache(agent, _layers(6), list(range(6))))
     assert store.checkout("a") is not None  # the twin's cache serves: same dims
     (tmp_path / twin.digest / "tag.json").write_text("")
-    assert store.checkout("b") is None and store.lookups["miss"] == 1
+    assert store.checkout("b") is None and store.lookups[Lookup.MISS] == 1
     assert (tmp_path / twin.digest / agent_file_name("b")).exists()  # skipped, not rejected
     # The next write into that folder repairs its tag file.
-    write_cache(tmp_path / twin.digest / agent_file_name("c"), twin, "c", _layers(2), [0, 1])
+    write_cache(tmp_path / twin.digest / agent_file_name("c"), twin,
+                AgentCache("c", _layers(2), [0, 1]))
     assert read_tag_file(tmp_path / twin.digest) == twin

@@ -25,34 +25,27 @@ async def failing():
     raise GenerationFailed("generation failed")
 
 
-async def _stream(make_events) -> tuple[list[str], list]:
-    ended, items = [], failing()
-    first = await anext(items)
-    events = [event async for event in make_events(first, items, ended.append)]
-    return events, ended
+async def _stream(make_events) -> list[str]:
+    return [event async for event in make_events(failing())]
 
 
 def test_openai_stream_ends_with_an_error_object_and_no_done():
-    events, ended = asyncio.run(_stream(
-        lambda first, items, on_end: _sse(first, items, "id", 0, "m", True, on_end)))
+    events = asyncio.run(_stream(lambda items: _sse(items, "id", 0, "m", True)))
     assert [json.loads(e[6:])["choices"][0]["delta"] for e in events[:3]] == [
         {"role": "assistant", "content": ""}, {"content": "Hel"}, {"content": "lo"}]
     error = json.loads(events[-1].removeprefix("data: "))["error"]
     assert error["code"] == "generation_failed" and error["type"] == "server_error"
     assert len(events) == 4 and "[DONE]" not in "".join(events)
-    assert ended == []
 
 
 def test_anthropic_stream_ends_with_an_error_event_and_no_message_stop():
-    events, ended = asyncio.run(_stream(
-        lambda first, items, on_end: _events(first, items, "msg", "m", on_end)))
+    events = asyncio.run(_stream(lambda items: _events(items, "msg", "m")))
     names = [e.split("\n", 1)[0].removeprefix("event: ") for e in events]
     assert names == ["message_start", "content_block_start", "content_block_delta",
                      "content_block_delta", "error"]
     body = json.loads(events[-1].split("data: ", 1)[1])
     assert body == {"type": "error", "error": {"type": "api_error",
                                                "message": "generation failed"}}
-    assert ended == []
 
 
 @pytest.mark.parametrize("stream", ["openai", "anthropic"])
@@ -68,9 +61,8 @@ def test_a_stream_its_client_leaves_closes_the_generation(stream):
 
     async def leave_after_three_events():
         items = endless()
-        first = await anext(items)
-        events = (_sse(first, items, "id", 0, "m", False, print) if stream == "openai"
-                  else _events(first, items, "msg", "m", print))
+        events = (_sse(items, "id", 0, "m", False) if stream == "openai"
+                  else _events(items, "msg", "m"))
         for _ in range(3):
             await anext(events)
         assert closed == []
@@ -82,8 +74,7 @@ def test_a_stream_its_client_leaves_closes_the_generation(stream):
 
 def test_a_failure_before_any_byte_keeps_its_status():
     async def run():
-        items = failing()
-        await collect(await anext(items), items)
+        await collect(failing())
 
     with pytest.raises(GenerationFailed):
         asyncio.run(run())

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from semantic_server.api.turn import read_json
 from semantic_server.errors import AdminDisabled, Unauthorized
-from semantic_server.models.registry import MemorySnapshot
+from semantic_server.swap.orchestrator import SwapOutcome, SwapResult, SwapStep
 
 if TYPE_CHECKING:  # app.py imports these routes
     from semantic_server.app import ServerContext
@@ -40,42 +40,33 @@ def require_admin(request: Request) -> ServerContext:
     return server
 
 
+def swap_status(result: SwapResult) -> int:
+    """The HTTP status of a swap that ran: 200 only when the target serves."""
+    if result.status is SwapOutcome.ABORTED:
+        # the drain timed out (504), or the caches could not be written (507, Insufficient
+        # Storage); either way nothing changed
+        return 504 if result.failed_step is SwapStep.DRAIN else 507
+    return 200 if result.status is SwapOutcome.SUCCESS else 500
+
+
 async def swap(request: Request) -> JSONResponse:
     server = require_admin(request)
     body = SwapRequest.model_validate(await read_json(request, server.settings.max_body_bytes))
     result = await server.orchestrator.swap(body.model_id, body.timeout_seconds)
-    server.metrics.observe_swap(result.as_dict())
-    status = {"success": 200, "rolled_back": 500, "degraded": 500}[result.status]
-    if result.failed_step == "evict":
-        status = 507  # Insufficient Storage: the caches could not be written, nothing changed
-    return JSONResponse(result.as_dict(), status_code=status)
+    return JSONResponse(result.as_dict(), status_code=swap_status(result))
 
 
 async def current(request: Request) -> JSONResponse:
     server = require_admin(request)
-    loaded = server.engine.loaded
-    memory = MemorySnapshot.now()
-    return JSONResponse({
-        "model_id": loaded.model_id if loaded else None,
-        "state": server.gate.state.value,
-        "reason": server.gate.degraded_reason or None,
-        "dims": loaded.dims.as_dict() if loaded else None,
-        "tag": server.store.tag.digest if server.store.tag else None,
-        "fingerprint": loaded.tag.fingerprint if loaded else None,
-        "memory": {"mlx_active_bytes": memory.active_bytes, "mlx_peak_bytes": memory.peak_bytes,
-                   "rss_bytes": memory.rss_bytes},
-        "kv_pool": {"budget_bytes": server.pool.budget_bytes, "capacity_blocks":
-                    server.pool.capacity, "used_blocks": server.pool.used,
-                    "block_tokens": server.pool.block_tokens},
-    })
+    return JSONResponse(server.snapshot().current())
 
 
 async def available(request: Request) -> JSONResponse:
     server = require_admin(request)
-    loaded = server.engine.loaded
+    loaded = server.snapshot().model_id
     return JSONResponse({"data": [
         {"model_id": e.model_id, "source": e.source, "path": str(e.path) if e.path else None,
-         "loaded": bool(loaded and loaded.model_id == e.model_id)}
+         "loaded": loaded == e.model_id}
         for e in server.catalog.available()]})
 
 
@@ -95,7 +86,7 @@ async def agents(request: Request) -> JSONResponse:
                  "model_id": tag.model_id if tag else None, "tag": tag.digest if tag else None}
                 for agent, tokens in hot.items()],
         "cold": [{**summary, "state": "cold"} for summary in cold],
-        "lookups": dict(server.store.lookups),
+        "lookups": {k.value: v for k, v in server.store.lookups.items()},
     })
 
 

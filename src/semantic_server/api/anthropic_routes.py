@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -18,20 +18,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from semantic_server.api.errors import stream_error
+from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import MessagesRequest
 from semantic_server.api.turn import (
     agent_id_of,
     capped_max_tokens,
-    check_model_exists,
     collect,
     read_json,
-    record,
     relay,
+    wait_admitted,
 )
-from semantic_server.engine.batch_engine import SamplingParams
-from semantic_server.engine.service import GenerationParams, Outcome
+from semantic_server.engine.jobs import FinishReason, SamplingParams
+from semantic_server.engine.service import Admitted, GenerationParams, Outcome
 
-STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
+STOP_REASONS = {FinishReason.LENGTH: "max_tokens", FinishReason.STOP: "end_turn"}
 
 
 def _stop_reason(outcome: Outcome) -> str:
@@ -52,29 +52,27 @@ async def messages(request: Request) -> Response:
     chat = MessagesRequest.model_validate(body)
     user = chat.metadata.user_id if chat.metadata else None
     agent = agent_id_of(request, {"user": user} if user else {})
-    check_model_exists(request, chat.model)
     params = GenerationParams(max_tokens=capped_max_tokens(request, chat.max_tokens),
                               sampling=SamplingParams(chat.temperature, chat.top_p),
                               stop=tuple(chat.stop_sequences or ()))
-    items = server.service.generate(agent, chat.template_messages(), params, chat.model)
+    items = server.service.generate(agent, chat.template_messages(), params, chat.model,
+                                    request_id_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"
-    first = await anext(items)  # refusals keep their HTTP status, as for chat completions
-    model_id = server.engine.loaded.model_id
+    admitted = await wait_admitted(items)
     if not chat.stream:
-        text, item = await collect(first, items)
-        record(request, agent, item)
+        text, item = await collect(items)
         return JSONResponse({
             "id": message_id, "type": "message", "role": "assistant", "model": item.model_id,
             "content": [{"type": "text", "text": text}],
             "stop_reason": _stop_reason(item), "stop_sequence": item.stop_sequence,
             "usage": _usage(item)})
     return StreamingResponse(
-        _events(first, items, message_id, model_id, lambda o: record(request, agent, o)),
+        _events(items, message_id, admitted.model_id),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _events(first: str | Outcome, items: AsyncIterator[str | Outcome], message_id: str,
-                  model_id: str, on_end: Callable[[Outcome], None]) -> AsyncIterator[str]:
+async def _events(items: AsyncIterator[Admitted | str | Outcome], message_id: str,
+                  model_id: str) -> AsyncIterator[str]:
     def event(name: str, data: dict[str, Any]) -> str:
         return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
 
@@ -84,7 +82,7 @@ async def _events(first: str | Outcome, items: AsyncIterator[str | Outcome], mes
         "usage": {"input_tokens": 0, "output_tokens": 0}}})
     yield event("content_block_start", {"index": 0,
                                         "content_block": {"type": "text", "text": ""}})
-    async with aclosing(relay(first, items)) as relayed:
+    async with aclosing(relay(items)) as relayed:
         async for item in relayed:
             if isinstance(item, Exception):  # Anthropic's way: an error event ends the stream
                 error = stream_error(item, anthropic=True)
@@ -94,7 +92,6 @@ async def _events(first: str | Outcome, items: AsyncIterator[str | Outcome], mes
                 yield event("content_block_delta", {
                     "index": 0, "delta": {"type": "text_delta", "text": item}})
                 continue
-            on_end(item)
             yield event("content_block_stop", {"index": 0})
             yield event("message_delta", {"delta": {"stop_reason": _stop_reason(item),
                                                     "stop_sequence": item.stop_sequence},

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from semantic_server import errors as e
+from semantic_server.api.request_id import request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
     e.ServiceDegraded: (503, "server_error", "degraded"),
     e.GenerationFailed: (500, "server_error", "generation_failed"),
-    e.SwapTimeout: (504, "server_error", "drain_timeout"),
 }
 
 # HTTP status -> Anthropic error type; other 4xx are invalid_request_error, 5xx api_error
@@ -105,6 +105,6 @@ async def handle_any(request: Request, exc: Exception) -> JSONResponse:
     if request.url.path in ANTHROPIC_PATHS:
         response = anthropic_shaped(response)
     log.info("request", extra={"fields": {
-        "request_id": getattr(request.state, "request_id", None), "path": request.url.path,
+        "request_id": request_id_of(request), "path": request.url.path,
         "status": response.status_code, "error": type(exc).__name__}})
     return response

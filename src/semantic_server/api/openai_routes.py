@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -14,18 +14,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from semantic_server.api.errors import stream_error
+from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import ChatCompletionRequest
 from semantic_server.api.turn import (
     agent_id_of,
     capped_max_tokens,
-    check_model_exists,
     collect,
     read_json,
-    record,
     relay,
+    wait_admitted,
 )
-from semantic_server.engine.batch_engine import SamplingParams
-from semantic_server.engine.service import GenerationParams, Outcome
+from semantic_server.engine.jobs import SamplingParams
+from semantic_server.engine.service import Admitted, GenerationParams, Outcome
 
 
 def _usage(outcome: Outcome) -> dict[str, Any]:
@@ -42,22 +42,18 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, server.settings.max_body_bytes)
     chat = ChatCompletionRequest.model_validate(body)
     agent = agent_id_of(request, body)
-    check_model_exists(request, chat.model)
     params = GenerationParams(
         max_tokens=capped_max_tokens(request, chat.requested_max_tokens()),
         sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
         stop=chat.stop_strings(),
     )
     messages = [m.as_template_message() for m in chat.messages]
-    items = server.service.generate(agent, messages, params, chat.model)
+    items = server.service.generate(agent, messages, params, chat.model, request_id_of(request))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    # Pull the first item before answering, so that refusals (busy, too long) keep their
-    # HTTP status even for streams.
-    first = await anext(items)
+    admitted = await wait_admitted(items)
     if not chat.stream:
-        text, item = await collect(first, items)
-        record(request, agent, item)
+        text, item = await collect(items)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created,
             "model": item.model_id,
@@ -66,16 +62,13 @@ async def chat_completions(request: Request) -> Response:
             "usage": _usage(item),
         })
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-    model_id = server.engine.loaded.model_id
     return StreamingResponse(
-        _sse(first, items, completion_id, created, model_id, include_usage,
-             lambda outcome: record(request, agent, outcome)),
+        _sse(items, completion_id, created, admitted.model_id, include_usage),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _sse(first: str | Outcome, items: AsyncIterator[str | Outcome], completion_id: str,
-               created: int, model_id: str, include_usage: bool,
-               on_end: Callable[[Outcome], None]) -> AsyncIterator[str]:
+async def _sse(items: AsyncIterator[Admitted | str | Outcome], completion_id: str,
+               created: int, model_id: str, include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None,
               usage: dict[str, Any] | None = None) -> str:
         data: dict[str, Any] = {
@@ -89,7 +82,7 @@ async def _sse(first: str | Outcome, items: AsyncIterator[str | Outcome], comple
         return f"data: {json.dumps(data)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    async with aclosing(relay(first, items)) as relayed:
+    async with aclosing(relay(items)) as relayed:
         async for item in relayed:
             if isinstance(item, Exception):  # OpenAI's way: an error object, and no [DONE]
                 yield f"data: {json.dumps(stream_error(item))}\n\n"
@@ -97,7 +90,6 @@ async def _sse(first: str | Outcome, items: AsyncIterator[str | Outcome], comple
             if isinstance(item, str):
                 yield chunk({"content": item})
                 continue
-            on_end(item)
             yield chunk({}, item.finish_reason)
             if include_usage:
                 yield chunk({}, usage=_usage(item))

@@ -9,30 +9,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from semantic_server.blas import blas_status
 from semantic_server.engine.gate import ServerState
 
 
 async def health(request: Request) -> JSONResponse:
-    server = request.app.state.server
-    gate = server.gate
-    loaded = server.engine.loaded
+    state = request.app.state.server.snapshot()
     body = {
-        "state": gate.state.value,
-        "model": loaded.model_id if loaded else None,
-        "in_flight": gate.in_flight,
-        "held": gate.held,
-        "active_sequences": server.engine.active_jobs,
-        "blas": blas_status().name,
+        "state": state.state.value,
+        "model": state.model_id,
+        "in_flight": state.in_flight,
+        "held": state.held,
+        "active_sequences": state.active_sequences,
+        "blas": state.blas,
     }
-    if gate.state is ServerState.DEGRADED:
-        body["reason"] = gate.degraded_reason
-    return JSONResponse(body, status_code=503 if gate.state is ServerState.DEGRADED else 200)
+    degraded = state.state is ServerState.DEGRADED
+    if degraded:
+        body["reason"] = state.reason
+    return JSONResponse(body, status_code=503 if degraded else 200)
 
 
 async def metrics(request: Request) -> Response:
     registry = request.app.state.server.metrics.registry
-    body = await asyncio.to_thread(generate_latest, registry)  # reads cache files' sizes
+    body = await asyncio.to_thread(generate_latest, registry)  # formatting is CPU work
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

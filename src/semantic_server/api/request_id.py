@@ -10,8 +10,15 @@ import re
 import uuid
 from typing import Any
 
+from starlette.requests import Request
+
 # Request ids and agent ids reach logs and metrics: one short, safe alphabet for both.
 SAFE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id the middleware gave this request."""
+    return getattr(request.state, "request_id", None)
 
 
 class RequestIdMiddleware:

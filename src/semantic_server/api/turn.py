@@ -1,6 +1,6 @@
 """One chat turn over HTTP, as both chat APIs (OpenAI's and Anthropic's) take it: the body
-read within its size limit, the agent named, the model and max_tokens checked, the
-generation relayed to the client, and the finished turn recorded.
+read within its size limit, the agent named, max_tokens checked, the generation's
+admission awaited, and the generation relayed to the client.
 
 Each API only shapes its own JSON and events around these steps, so a rule (which agent
 ids are valid, what a held request may run on, what a failure after the first byte looks
@@ -10,8 +10,6 @@ like) is written once.
 from __future__ import annotations
 
 import json
-import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -19,11 +17,8 @@ from typing import Any
 from starlette.requests import Request
 
 from semantic_server.api.request_id import SAFE_ID
-from semantic_server.engine.service import Outcome
-from semantic_server.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
-from semantic_server.observability import hash_agent
-
-log = logging.getLogger(__name__)
+from semantic_server.engine.service import Admitted, Outcome
+from semantic_server.errors import InvalidRequest, PayloadTooLarge
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -58,21 +53,6 @@ def agent_id_of(request: Request, body: dict[str, Any]) -> str | None:
     return agent
 
 
-def check_model_exists(request: Request, requested: str | None) -> None:
-    """A 404 for a model no swap could load, before the request waits for anything.
-
-    Whether the named model is the loaded one is decided later, once the request is
-    admitted (``GenerationService``): a request held through a swap must be judged against
-    the model it will actually run on.
-    """
-    server = request.app.state.server
-    loaded = server.engine.loaded
-    if requested is None or (loaded is not None and requested == loaded.model_id):
-        return  # the common case, without listing the catalog's folders on the event loop
-    if not any(entry.model_id == requested for entry in server.catalog.available()):
-        raise ModelNotFound(f"model {requested!r} does not exist")
-
-
 def capped_max_tokens(request: Request, requested: int | None) -> int:
     """The request's max_tokens, or the server's default; above the limit is a 400."""
     settings = request.app.state.server.settings
@@ -83,21 +63,16 @@ def capped_max_tokens(request: Request, requested: int | None) -> int:
     return max_tokens
 
 
-def record(request: Request, agent: str | None, outcome: Outcome) -> None:
-    """Metrics and one structured log line for a finished request."""
-    seconds = time.perf_counter() - outcome.started
-    request.app.state.server.metrics.observe_request(
-        outcome.model_id, outcome.prompt_tokens, outcome.cached_tokens,
-        outcome.completion_tokens, outcome.ttft_seconds, seconds)
-    log.info("request", extra={"fields": {
-        "request_id": getattr(request.state, "request_id", None), "agent": hash_agent(agent),
-        "model": outcome.model_id, "prompt_tokens": outcome.prompt_tokens,
-        "cached_tokens": outcome.cached_tokens, "generated_tokens": outcome.completion_tokens,
-        "ttft_s": round(outcome.ttft_seconds, 4) if outcome.ttft_seconds else None,
-        "seconds": round(seconds, 4), "finish_reason": outcome.finish_reason, "status": 200}})
+async def wait_admitted(items: AsyncIterator[Admitted | str | Outcome]) -> Admitted:
+    """Wait until the generation is admitted: refusals (unknown model, busy, too long) raise
+    here, before any byte is sent, so they keep their HTTP status even for streams."""
+    first = await anext(items)
+    if not isinstance(first, Admitted):
+        raise AssertionError("a generation starts with Admitted")
+    return first
 
 
-async def relay(first: str | Outcome, items: AsyncIterator[str | Outcome],
+async def relay(items: AsyncIterator[Admitted | str | Outcome],
                 ) -> AsyncIterator[str | Outcome | Exception]:
     """Text deltas, then the Outcome, or the error that ended the generation instead.
 
@@ -107,11 +82,9 @@ async def relay(first: str | Outcome, items: AsyncIterator[str | Outcome],
     generation, which cancels its job: use it under ``aclosing`` so a client that goes away
     frees its batch slot at once.
     """
-    item = first
     try:
-        while not isinstance(item, Outcome):
+        while not isinstance(item := await anext(items), Outcome):
             yield item
-            item = await anext(items)
     except Exception as exc:  # every failure becomes the stream's last event
         yield exc
         return
@@ -120,12 +93,11 @@ async def relay(first: str | Outcome, items: AsyncIterator[str | Outcome],
     yield item
 
 
-async def collect(first: str | Outcome, items: AsyncIterator[str | Outcome],
-                  ) -> tuple[str, Outcome]:
+async def collect(items: AsyncIterator[Admitted | str | Outcome]) -> tuple[str, Outcome]:
     """The whole text and the outcome of a non-streamed request (errors raise: no byte has
     been sent yet, so they keep their HTTP status)."""
     text: list[str] = []
-    async with aclosing(relay(first, items)) as relayed:
+    async with aclosing(relay(items)) as relayed:
         async for item in relayed:
             if isinstance(item, Exception):
                 raise item

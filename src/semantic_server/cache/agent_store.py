@@ -4,9 +4,12 @@ An agent's cache is *hot* (resident, holding blocks of the BlockPool) between it
 *checked out* while a request of that agent runs (the batch owns it then), and *cold*
 (a safetensors file) once it has been evicted: by the LRU policy when hot caches outgrow
 the KV budget, by a swap, or at shutdown. A cold cache comes back on the agent's next
-request, but only under the tag it was written with (or, with ``reuse="dims"``, under
+request, but only under the tag it was written with (or, with ``CacheReuse.DIMS``, under
 any tag of the same shape); anything else is rejected with a logged, counted reason.
-Only the engine thread calls this class, so it needs no lock.
+
+The files on disk are indexed in memory (one scan at startup, then kept up to date by every
+write and deletion), so reports and the disk budget never rescan the folder. Only the
+engine thread changes this class, so it needs no lock; reports copy before reading.
 """
 
 from __future__ import annotations
@@ -15,54 +18,80 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import (
     TAG_FILE,
+    AgentCache,
     CacheFileError,
     CacheTag,
     agent_file_name,
+    estimated_file_bytes,
     read_cache,
     read_summary,
     read_tag_file,
     write_cache,
 )
+from semantic_server.config import CacheReuse
 from semantic_server.errors import CacheWriteError
 
 log = logging.getLogger(__name__)
 QUARANTINE = "quarantine"
+QUARANTINE_KEPT = 32  # rejected files kept for inspection; older ones are deleted
 
 
-@dataclass
-class AgentCache:
-    """One agent's cache: per-layer mlx-lm cache objects and the tokens they hold."""
+class Lookup(StrEnum):
+    """Where an agent's cache came from when its request started."""
 
-    agent_id: str
-    layers: list[Any]
-    tokens: list[int] = field(default_factory=list)
+    HOT = "hot"
+    DISK = "disk"
+    MISS = "miss"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Residency:
+    """How many agent caches are hot and cold, and their bytes."""
+
+    hot_agents: int
+    hot_bytes: int
+    cold_agents: int
+    cold_bytes: int
 
 
 class AgentCacheStore:
-    def __init__(self, pool: BlockPool, cache_dir: Path | None = None, reuse: str = "exact",
+    def __init__(self, pool: BlockPool, cache_dir: Path, reuse: CacheReuse = CacheReuse.EXACT,
                  disk_budget_bytes: int | None = None) -> None:
         self.pool = pool
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.reuse = reuse
+        self.cache_dir = Path(cache_dir)
+        self.reuse = CacheReuse(reuse)
         self.disk_budget_bytes = disk_budget_bytes
         self.tag: CacheTag | None = None
-        self.lookups: Counter[str] = Counter()  # hot / disk / miss / rejected
+        self.lookups: Counter[Lookup] = Counter()
         self.write_failures = 0
+        self.disk_deletions = 0  # cold caches deleted to keep within the disk budget
         self._hot: dict[str, AgentCache] = {}
-        self._remove_partial_writes()
+        self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
 
-    def _remove_partial_writes(self) -> None:
-        """A process killed mid-write leaves a temporary file, never a cache file: drop it."""
-        if self.cache_dir is not None and self.cache_dir.exists():
-            for leftover in self.cache_dir.glob("*/.*.tmp.*"):
-                leftover.unlink(missing_ok=True)
+    def _scan(self) -> dict[Path, tuple[int, float]]:
+        """Index the cache files on disk; drop what a process killed mid-write left."""
+        index: dict[Path, tuple[int, float]] = {}
+        if not self.cache_dir.exists():
+            return index
+        for leftover in self.cache_dir.glob("*/.*.tmp.*"):
+            leftover.unlink(missing_ok=True)
+        for path in self.cache_dir.glob("*/*.safetensors"):
+            if path.parent.name != QUARANTINE and not path.name.startswith("."):
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                index[path] = (stat.st_size, stat.st_mtime)
+        return index
 
     # ---- tag -------------------------------------------------------------------------
     def retag(self, tag: CacheTag) -> None:
@@ -72,7 +101,6 @@ class AgentCacheStore:
         self.tag = tag
 
     def _path(self, tag: CacheTag, agent_id: str) -> Path:
-        assert self.cache_dir is not None
         return self.cache_dir / tag.digest / agent_file_name(agent_id)
 
     # ---- hot <-> checked out ---------------------------------------------------------
@@ -81,10 +109,10 @@ class AgentCacheStore:
         entry = self._hot.pop(agent_id, None)
         self.pool.release(agent_id)
         if entry is not None:
-            self.lookups["hot"] += 1
+            self.lookups[Lookup.HOT] += 1
             return entry
         entry = self._load_cold(agent_id)
-        self.lookups["disk" if entry else "miss"] += 1
+        self.lookups[Lookup.DISK if entry else Lookup.MISS] += 1
         return entry
 
     def checkin(self, entry: AgentCache) -> None:
@@ -103,15 +131,18 @@ class AgentCacheStore:
     def evict_all(self) -> list[str]:
         """Every hot cache to disk, then out of memory (a swap's evict step, and shutdown).
 
-        All or nothing: if any write fails (a full disk), every cache stays hot and
-        CacheWriteError is raised, so a swap can give up before it unloads anything
-        instead of losing agents' context. The files that were written are valid either way.
+        All or nothing: room is made under the disk budget first (deleting the oldest
+        *other* cold caches, never one this call writes), and if any write fails (a full
+        disk) every cache stays hot and CacheWriteError is raised, so a swap can give up
+        before it unloads anything instead of losing agents' context.
         """
         agents = self.pool.agents()
+        entries = [self._hot[agent_id] for agent_id in agents]
+        self._make_room(entries)
         failures = []
-        for agent_id in agents:
+        for entry in entries:
             try:
-                self._write(self._hot[agent_id])
+                self._write(entry)
             except Exception as exc:
                 failures.append(f"{exc}")
         if failures:
@@ -132,6 +163,7 @@ class AgentCacheStore:
 
     def _spill(self, entry: AgentCache) -> None:
         try:
+            self._make_room([entry])
             self._write(entry)
         except Exception as exc:  # logged and counted, never fatal
             log.error("could not write the cache of an agent: %s", exc)
@@ -139,21 +171,46 @@ class AgentCacheStore:
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
         """Write one cache atomically; a failure leaves any older file of it untouched."""
-        if self.cache_dir is None or self.tag is None:
-            return
+        if self.tag is None:
+            raise CacheWriteError("no cache tag yet: no model was ever loaded")
+        path = self._path(self.tag, entry.agent_id)
         try:
-            write_cache(self._path(self.tag, entry.agent_id), self.tag, entry.agent_id,
-                        entry.layers, entry.tokens)
+            size = write_cache(path, self.tag, entry)
         except Exception:
             self.write_failures += 1
             raise
-        self._enforce_disk_budget()
+        self._cold[path] = (size, time.time())
+
+    def _make_room(self, entries: list[AgentCache]) -> None:
+        """Delete the oldest cold caches, other than these agents' own, until ``entries``
+        fit the disk budget; a CacheWriteError (nothing deleted) when they cannot."""
+        if self.disk_budget_bytes is None or self.tag is None:
+            return
+        mine = {self._path(self.tag, entry.agent_id) for entry in entries}
+        need = sum(estimated_file_bytes(self.tag, entry) for entry in entries)
+        others = sorted((p for p in self._cold if p not in mine), key=lambda p: self._cold[p][1])
+        kept = sum(self._cold[p][0] for p in others)
+        if need > self.disk_budget_bytes:
+            self.write_failures += len(entries)
+            raise CacheWriteError(f"{len(entries)} agent caches need about {need} bytes; the "
+                                  f"disk budget is {self.disk_budget_bytes} bytes")
+        for path in others:
+            if kept + need <= self.disk_budget_bytes:
+                break
+            kept -= self._cold[path][0]
+            self._delete(path, "the disk budget needs room")
+
+    def _delete(self, path: Path, reason: str) -> None:
+        self._cold.pop(path, None)
+        path.unlink(missing_ok=True)
+        self.disk_deletions += 1
+        log.info("cold cache deleted", extra={"fields": {"file": path.name, "reason": reason}})
 
     def _candidates(self, agent_id: str) -> list[Path]:
         assert self.tag is not None
         exact = self._path(self.tag, agent_id)
         paths = [exact] if exact.exists() else []
-        if self.reuse == "dims":
+        if self.reuse is CacheReuse.DIMS:
             for tag_file in self.cache_dir.glob(f"*/{TAG_FILE}"):
                 other = tag_file.parent / agent_file_name(agent_id)
                 if other == exact or not other.exists():
@@ -164,22 +221,24 @@ class AgentCacheStore:
         return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
 
     def _load_cold(self, agent_id: str) -> AgentCache | None:
-        if self.cache_dir is None or self.tag is None:
+        if self.tag is None:
             return None
         for path in self._candidates(agent_id):
             try:
-                loaded = read_cache(path)
-                self._check(loaded.tag, loaded.agent_id, agent_id)
+                entry = read_cache(path)
+                self._check(entry, agent_id)
             except CacheFileError as exc:
-                self.lookups["rejected"] += 1
+                self.lookups[Lookup.REJECTED] += 1
                 log.warning("cache file %s rejected: %s", path.name, exc)
                 self._quarantine(path, str(exc))
                 continue
-            return AgentCache(agent_id, loaded.layers, loaded.tokens)
+            return entry
         return None
 
-    def _check(self, tag: CacheTag, file_agent: str, agent_id: str) -> None:
-        if file_agent != agent_id:
+    def _check(self, entry: AgentCache, agent_id: str) -> None:
+        tag = entry.tag
+        assert tag is not None and self.tag is not None
+        if entry.agent_id != agent_id:
             raise CacheFileError("the file belongs to another agent")
         if tag == self.tag:
             return
@@ -189,11 +248,13 @@ class AgentCacheStore:
                 f"{tag.head_dim} ({tag.kv_dtype}), model {self.tag.model_id} has "
                 f"{self.tag.n_layers} x {self.tag.n_kv_heads} x {self.tag.head_dim} "
                 f"({self.tag.kv_dtype})")
-        if self.reuse != "dims":
+        if self.reuse is not CacheReuse.DIMS:
             raise CacheFileError(f"written by other weights ({tag.model_id} "
                                  f"{tag.fingerprint}); set SEMANTIC_CACHE_REUSE=dims to reuse")
 
     def _quarantine(self, path: Path, reason: str) -> None:
+        """Move a rejected file aside with its reason; keep only the newest few."""
+        self._cold.pop(path, None)
         target = self.cache_dir / QUARANTINE
         target.mkdir(parents=True, exist_ok=True)
         name = f"{path.parent.name}-{path.stem}-{int(time.time() * 1000)}"
@@ -202,24 +263,15 @@ class AgentCacheStore:
             (target / f"{name}.reason.txt").write_text(reason + "\n")
         except OSError as exc:
             log.error("could not quarantine %s: %s", path, exc)
+        kept = sorted(target.glob("*.safetensors"), key=lambda p: p.name.rsplit("-", 1)[-1])
+        for old in kept[:-QUARANTINE_KEPT]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".reason.txt").unlink(missing_ok=True)
 
     def cold_files(self) -> list[Path]:
-        """Every cache file on disk, quarantine excluded."""
-        if self.cache_dir is None or not self.cache_dir.exists():
-            return []
-        return [p for p in self.cache_dir.glob("*/*.safetensors")
-                if p.parent.name != QUARANTINE and not p.name.startswith(".")]
-
-    def _enforce_disk_budget(self) -> None:
-        if self.disk_budget_bytes is None:
-            return
-        files = sorted(self.cold_files(), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for path in files[:-1]:  # never the newest: it was just written
-            if total <= self.disk_budget_bytes:
-                break
-            total -= path.stat().st_size
-            path.unlink(missing_ok=True)
+        """Every cache file on disk, quarantine excluded (from the index, oldest first)."""
+        index = dict(self._cold)
+        return sorted(index, key=lambda p: index[p][1])
 
     # ---- reports ---------------------------------------------------------------------
     def hot_agents(self) -> dict[str, int]:
@@ -237,16 +289,10 @@ class AgentCacheStore:
                 log.warning("unreadable cache file %s: %s", path.name, exc)
         return summaries
 
-    def residency(self) -> dict[str, int]:
+    def residency(self) -> Residency:
         """Hot and cold counts and bytes; safe to call from another thread (copies first)."""
         hot = [len(entry.tokens) for entry in list(self._hot.values())]
-        cold = []
-        for path in self.cold_files():
-            try:
-                cold.append(path.stat().st_size)
-            except FileNotFoundError:  # deleted by the disk budget meanwhile
-                continue
+        cold = [size for size, _ in list(self._cold.values())]
         dims = self.pool.dims
-        return {"hot_agents": len(hot), "cold_agents": len(cold),
-                "hot_bytes": sum(dims.cache_bytes(n) for n in hot) if dims else 0,
-                "cold_bytes": sum(cold)}
+        return Residency(len(hot), sum(dims.cache_bytes(n) for n in hot) if dims else 0,
+                         len(cold), sum(cold))

@@ -45,7 +45,7 @@ class BlockPool:
 
     @property
     def used(self) -> int:
-        return sum(self._held.values())
+        return sum(list(self._held.values()))  # a copy: reports read it from other threads
 
     @property
     def free(self) -> int:

@@ -17,17 +17,18 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
-from semantic_server.models.registry import ModelTag
+from semantic_server.models.tag import ModelTag
 
 FORMAT_VERSION = 1
 TAG_FILE = "tag.json"
+HEADER_BYTES_PER_ARRAY = 128  # a safetensors header entry: name, dtype, shape, offsets
 _CACHE_CLASSES = {"KVCache": mlx_cache.KVCache, "RotatingKVCache": mlx_cache.RotatingKVCache}
 
 
@@ -75,6 +76,17 @@ class CacheTag:
                 self.layer_windows, self.format_version)
 
 
+@dataclass
+class AgentCache:
+    """One agent's cache: per-layer mlx-lm cache objects and the tokens they hold; ``tag``
+    is set on a cache read from a file (a hot cache's tag is its store's)."""
+
+    agent_id: str
+    layers: list[Any]
+    tokens: list[int] = field(default_factory=list)
+    tag: CacheTag | None = None
+
+
 def agent_file_name(agent_id: str) -> str:
     return hashlib.sha256(agent_id.encode()).hexdigest()[:32] + ".safetensors"
 
@@ -104,12 +116,11 @@ def _trimmed_state(layer: Any) -> tuple:
     return (keys[..., : layer.offset, :], values[..., : layer.offset, :], *rest)
 
 
-def write_cache(path: Path, tag: CacheTag, agent_id: str, layers: list[Any],
-                tokens: list[int]) -> int:
-    """Write one agent's cache to ``path`` atomically; returns the file's size."""
-    arrays: dict[str, mx.array] = {"tokens": mx.array(tokens, dtype=mx.int32)}
+def _contents(tag: CacheTag, entry: AgentCache) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The arrays and the metadata of ``entry``'s file."""
+    arrays: dict[str, mx.array] = {"tokens": mx.array(entry.tokens, dtype=mx.int32)}
     layouts = []  # per layer: its state with each array replaced by "@array"
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(entry.layers):
         layout = []
         for j, item in enumerate(_trimmed_state(layer)):
             if isinstance(item, mx.array):
@@ -120,12 +131,26 @@ def write_cache(path: Path, tag: CacheTag, agent_id: str, layers: list[Any],
         layouts.append(layout)
     metadata = {
         "tag": tag.to_json(),
-        "agent_id": agent_id,
-        "token_count": str(len(tokens)),
+        "agent_id": entry.agent_id,
+        "token_count": str(len(entry.tokens)),
         "written_at": f"{time.time():.3f}",
-        "classes": json.dumps([type(layer).__name__ for layer in layers]),
+        "classes": json.dumps([type(layer).__name__ for layer in entry.layers]),
         "layouts": json.dumps(layouts),
     }
+    return arrays, metadata
+
+
+def estimated_file_bytes(tag: CacheTag, entry: AgentCache) -> int:
+    """What ``write_cache`` will write for ``entry``, to within a few hundred bytes, known
+    before writing (no array is evaluated), so a disk budget can make room first."""
+    arrays, metadata = _contents(tag, entry)
+    header = len(json.dumps(metadata)) + HEADER_BYTES_PER_ARRAY * len(arrays)
+    return sum(array.nbytes for array in arrays.values()) + header
+
+
+def write_cache(path: Path, tag: CacheTag, entry: AgentCache) -> int:
+    """Write one agent's cache to ``path`` atomically; returns the file's size."""
+    arrays, metadata = _contents(tag, entry)
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
         _write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
@@ -168,15 +193,7 @@ def read_summary(path: Path) -> dict[str, Any]:
             "written_at": float(metadata["written_at"])}
 
 
-@dataclass
-class LoadedCache:
-    agent_id: str
-    tag: CacheTag
-    layers: list[Any]
-    tokens: list[int]
-
-
-def read_cache(path: Path) -> LoadedCache:
+def read_cache(path: Path) -> AgentCache:
     """Read and check one cache file; any problem is a CacheFileError with the reason."""
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
@@ -194,9 +211,8 @@ def read_cache(path: Path) -> LoadedCache:
         raise CacheFileError(f"format version {tag.format_version}, expected {FORMAT_VERSION}")
     if count != len(tokens) or not len(classes) == len(states) == tag.n_layers:
         raise CacheFileError("token count or layer count does not match the metadata")
-    return LoadedCache(agent_id, tag, [_layer(name, state, tag)
-                                       for name, state in zip(classes, states, strict=True)],
-                       tokens)
+    layers = [_layer(name, state, tag) for name, state in zip(classes, states, strict=True)]
+    return AgentCache(agent_id, layers, tokens, tag)
 
 
 def _layer(name: str, state: tuple, tag: CacheTag) -> Any:

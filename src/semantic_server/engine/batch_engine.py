@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -29,52 +28,21 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
-from semantic_server.cache.agent_store import AgentCache, AgentCacheStore
+from semantic_server.cache.agent_store import AgentCacheStore
+from semantic_server.cache.cache_file import AgentCache
+from semantic_server.engine.jobs import (
+    Event,
+    Failed,
+    Finished,
+    FinishReason,
+    Job,
+    SamplingParams,
+    Started,
+    TokenOut,
+)
 from semantic_server.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Started:
-    """The job is in the batch; ``cached_tokens`` of its prompt came from a cache."""
-
-    cached_tokens: int
-
-
-@dataclass(frozen=True)
-class TokenOut:
-    token: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "stop", "length" or "cancelled"
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: Exception
-
-
-Event = Started | TokenOut | Finished | Failed
-
-
-@dataclass
-class Job:
-    request_id: str
-    agent_id: str | None  # None: anonymous, served from the shared prefix cache
-    prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    emit: Callable[[Event], None]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -83,6 +51,40 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many cached tokens a prompt reuses: their common prefix, but never the whole
+    prompt (the generator needs at least one new token to compute the next logits)."""
+    return min(common_prefix(cached, prompt), len(prompt) - 1)
+
+
+def fit_cache(layers: list[Any], tokens: list[int], prompt: list[int],
+              ) -> tuple[list[Any] | None, int]:
+    """``layers`` (holding ``tokens``) cut to what ``prompt`` reuses, and how many tokens
+    that is; (None, 0) when nothing is reusable or the surplus cannot be trimmed."""
+    keep = reusable_prefix(tokens, prompt)
+    surplus = len(tokens) - keep
+    if keep == 0 or (surplus and not can_trim_prompt_cache(layers)):
+        return None, 0
+    if surplus:
+        trim_prompt_cache(layers, surplus)
+    return layers, keep
+
+
+def batch_generator(loaded: LoadedModel, max_batch: int, prefill_step_size: int,
+                    ) -> BatchGenerator:
+    """mlx-lm's continuous-batching generator over ``loaded``, stopping at its EOS tokens."""
+    return BatchGenerator(
+        loaded.model,
+        stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
+        completion_batch_size=max_batch,
+        prefill_batch_size=min(8, max_batch),
+        prefill_step_size=prefill_step_size,
+    )
+
+
+GeneratorFactory = Callable[[LoadedModel, int, int], Any]
 
 
 def _make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array] | None:
@@ -106,8 +108,12 @@ class BatchEngine:
     """Owns the loaded model's BatchGenerator and every KV array, on its own thread."""
 
     def __init__(self, store: AgentCacheStore, *, max_batch: int = 16,
-                 prefill_step_size: int = 512, shared_prefix_entries: int = 8) -> None:
+                 prefill_step_size: int = 512, shared_prefix_entries: int = 8,
+                 make_generator: GeneratorFactory = batch_generator) -> None:
+        """``make_generator`` builds the generator for a model; tests give one that computes
+        no model (the engine's own logic is what they test)."""
         self.store = store
+        self.make_generator = make_generator
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size
         self._shared = LRUPromptCache(max_size=shared_prefix_entries)
@@ -164,16 +170,9 @@ class BatchEngine:
 
     # ---- engine thread ---------------------------------------------------------------
     def attach(self, loaded: LoadedModel) -> None:
-        """Serve ``loaded``: a new BatchGenerator over it (engine thread only)."""
-        tokenizer = loaded.tokenizer
+        """Serve ``loaded``: a new generator over it (engine thread only)."""
         self._loaded = loaded
-        self._generator = BatchGenerator(
-            loaded.model,
-            stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-            completion_batch_size=self.max_batch,
-            prefill_batch_size=min(8, self.max_batch),
-            prefill_step_size=self.prefill_step_size,
-        )
+        self._generator = self.make_generator(loaded, self.max_batch, self.prefill_step_size)
 
     def detach(self) -> None:
         """Drop the BatchGenerator and every reference to the model (engine thread only)."""
@@ -211,22 +210,17 @@ class BatchEngine:
         self._stopping = True
 
     def _take_cache(self, job: Job) -> tuple[list[Any] | None, int]:
-        """The job's cache trimmed to its longest common prefix with the prompt."""
+        """The job's cache (its agent's, or the shared prefix cache's for an anonymous job)
+        cut to what its prompt reuses."""
         if job.agent_id is None:
-            cache, rest = self._shared.fetch_nearest_cache(self._loaded.model_id, job.prompt)
-            cached_tokens = job.prompt[: len(job.prompt) - len(rest)]
-            entry = AgentCache("", cache, cached_tokens) if cache is not None else None
+            layers, rest = self._shared.fetch_nearest_cache(self._loaded.model_id, job.prompt)
+            tokens = job.prompt[: len(job.prompt) - len(rest)]
         else:
             entry = self.store.checkout(job.agent_id)
-        if entry is None:
+            layers, tokens = (entry.layers, entry.tokens) if entry else (None, [])
+        if layers is None:
             return None, 0
-        keep = min(common_prefix(entry.tokens, job.prompt), len(job.prompt) - 1)
-        surplus = len(entry.tokens) - keep
-        if keep == 0 or (surplus and not can_trim_prompt_cache(entry.layers)):
-            return None, 0
-        if surplus:
-            trim_prompt_cache(entry.layers, surplus)
-        return entry.layers, keep
+        return fit_cache(layers, tokens, job.prompt)
 
     def _admit(self, job: Job) -> None:
         if self._generator is None or self._loaded is None:
@@ -255,7 +249,7 @@ class BatchEngine:
             return
         for cache, tokens in self._generator.remove([uid], return_prompt_caches=True).values():
             self._checkin(self._jobs[uid], cache, tokens)
-        self._finish(uid, Finished("cancelled"))
+        self._finish(uid, Finished(FinishReason.CANCELLED))
 
     def _finish(self, uid: int, event: Event) -> None:
         job = self._jobs.pop(uid)
@@ -288,10 +282,11 @@ class BatchEngine:
                 if response.finish_reason is None:
                     job.emit(TokenOut(response.token))
                     continue
-                if response.finish_reason == "length":
+                reason = FinishReason(response.finish_reason)
+                if reason is FinishReason.LENGTH:
                     job.emit(TokenOut(response.token))  # a stop token is not part of the text
                 self._checkin(job, response.prompt_cache, response.all_tokens)
-                self._finish(response.uid, Finished(response.finish_reason))
+                self._finish(response.uid, Finished(reason))
             except Exception as exc:  # fail this job only
                 log.exception("could not finish request %s", job.request_id)
                 if response.uid in self._jobs:

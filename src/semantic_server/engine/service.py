@@ -1,39 +1,51 @@
 """The asyncio face of the engine: messages in, text deltas and a final outcome out.
 
-It keeps the rules that hold for every request whatever protocol carried it: one request
-per agent at a time (its cache is in use), admission through the gate (so a request runs
-entirely on one model), tokenization off the event loop, stop strings cut out of the text,
-and a job removed from the batch the moment its consumer goes away.
+It keeps the rules that hold for every request whatever protocol carried it: the model a
+request names must exist (404 at once) and be the one serving when it is admitted, one
+request per agent at a time (its cache is in use), admission through the gate (so a
+request runs entirely on one model), tokenization off the event loop, stop strings cut out
+of the text, a job removed from the batch the moment its consumer goes away, and every
+finished request counted and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2.exceptions import TemplateError
 
-from semantic_server.engine.batch_engine import (
-    BatchEngine,
+from semantic_server.engine.batch_engine import BatchEngine
+from semantic_server.engine.gate import AdmissionGate
+from semantic_server.engine.jobs import (
     Failed,
     Finished,
+    FinishReason,
     Job,
     SamplingParams,
     Started,
     TokenOut,
 )
-from semantic_server.engine.gate import AdmissionGate
 from semantic_server.errors import (
     ContextLengthExceeded,
     GenerationFailed,
     InvalidRequest,
+    ModelNotFound,
     ModelNotLoaded,
 )
+from semantic_server.models.catalog import ModelCatalog
+from semantic_server.observability import hash_agent
+
+if TYPE_CHECKING:
+    from semantic_server.observability import Observer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,27 +55,67 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """The first item of every generation: the request is in the batch on ``model_id``,
+    with ``cached_tokens`` of its ``prompt_tokens`` taken from a cache."""
+
+    model_id: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
 @dataclass
 class Outcome:
     """How a request ended, for the usage block and the logs."""
 
     model_id: str
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = FinishReason.STOP
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
     ttft_seconds: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # end to end, set when the request finishes
+
+
+def _failure_table(stop: str) -> list[int]:
+    """KMP failure function: for each prefix of ``stop``, its longest proper border."""
+    table = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+def _partial_match(stop: str, table: list[int], text: str) -> int:
+    """Length of the longest prefix of ``stop`` that ``text`` ends with (``text`` holds no
+    whole ``stop``): one pass over at most ``len(stop) - 1`` characters."""
+    k = 0
+    for char in text[-(len(stop) - 1):] if len(stop) > 1 else "":
+        while k and char != stop[k]:
+            k = table[k - 1]
+        if char == stop[k]:
+            k += 1
+    return k
 
 
 class StopStrings:
-    """Cuts the text at the first stop string, holding back a tail that may start one."""
+    """Cuts the text at the first stop string, holding back a tail that may start one.
+
+    Only the unsent text is kept, and it never grows past the longest stop string plus
+    the newest segment, so each token costs time linear in the stop strings' length.
+    """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
-        self.text = ""
-        self.sent = 0
+        self._tables = [_failure_table(s) for s in self.stops]
+        self.pending = ""  # text not sent yet
         self.stopped = False
         self.matched: str | None = None
 
@@ -71,23 +123,23 @@ class StopStrings:
         """Text that is safe to send now."""
         if self.stopped:
             return ""
-        self.text += segment
-        hits = [(i, s) for s in self.stops
-                if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
+        self.pending += segment
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
             self.stopped = True
             index, self.matched = min(hits)
-            return self._send_to(index)
-        hold = max((k for s in self.stops for k in range(1, len(s))
-                    if self.text.endswith(s[:k])), default=0)
-        return self._send_to(len(self.text) - hold)
+            return self._send(index)
+        hold = max((_partial_match(s, table, self.pending)
+                    for s, table in zip(self.stops, self._tables, strict=True)), default=0)
+        return self._send(len(self.pending) - hold)
 
     def flush(self) -> str:
-        return "" if self.stopped else self._send_to(len(self.text))
+        return "" if self.stopped else self._send(len(self.pending))
 
-    def _send_to(self, end: int) -> str:
-        out = self.text[self.sent:end]
-        self.sent = max(self.sent, end)
+    def _send(self, end: int) -> str:
+        out, self.pending = self.pending[:end], self.pending[end:]
+        if self.stopped:
+            self.pending = ""
         return out
 
 
@@ -106,9 +158,12 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 class GenerationService:
-    def __init__(self, engine: BatchEngine, gate: AdmissionGate, max_context_tokens: int) -> None:
+    def __init__(self, engine: BatchEngine, gate: AdmissionGate, catalog: ModelCatalog,
+                 observer: Observer, max_context_tokens: int) -> None:
         self.engine = engine
         self.gate = gate
+        self.catalog = catalog
+        self.observer = observer
         self.max_context_tokens = max_context_tokens
         self._agent_locks: dict[str, _AgentLock] = {}
         self._ids = itertools.count()
@@ -117,17 +172,33 @@ class GenerationService:
         model_limit = config.get("max_position_embeddings") or self.max_context_tokens
         return min(self.max_context_tokens, int(model_limit))
 
+    def _check_exists(self, model_id: str | None) -> None:
+        """A 404 for a model no swap could load, before the request waits for anything.
+
+        Whether the named model is the loaded one is decided once the request is admitted:
+        a request held through a swap is judged against the model it will run on.
+        """
+        loaded = self.engine.loaded
+        if model_id is None or (loaded is not None and model_id == loaded.model_id):
+            return  # the common case, without listing the catalog's folders on the event loop
+        if not any(entry.model_id == model_id for entry in self.catalog.available()):
+            raise ModelNotFound(f"model {model_id!r} does not exist")
+
     async def generate(self, agent_id: str | None, messages: list[dict[str, str]],
                        params: GenerationParams, model_id: str | None = None,
-                       ) -> AsyncIterator[str | Outcome]:
-        """Text deltas, then one Outcome. Closing the iterator early cancels the job.
+                       request_id: str | None = None,
+                       ) -> AsyncIterator[Admitted | str | Outcome]:
+        """One ``Admitted``, text deltas, then one ``Outcome``. Closing the iterator early
+        cancels the job. Refusals (unknown model, busy, too long) raise before ``Admitted``.
 
         ``model_id``, when the request named one, must be the model loaded once the request
         is admitted: a request held through a swap never runs on a model it did not name.
+        ``request_id`` labels the request's log line.
         """
+        self._check_exists(model_id)
+        run = self._run(agent_id, messages, params, model_id, request_id)
         if agent_id is None:
-            async with self.gate.admit(), \
-                    aclosing(self._run(agent_id, messages, params, model_id)) as run:
+            async with self.gate.admit(), aclosing(run):
                 async for item in run:
                     yield item
             return
@@ -135,8 +206,7 @@ class GenerationService:
         users = self._agent_locks.setdefault(agent_id, _AgentLock())
         users.count += 1
         try:
-            async with users.lock, self.gate.admit(), \
-                    aclosing(self._run(agent_id, messages, params, model_id)) as run:
+            async with users.lock, self.gate.admit(), aclosing(run):
                 async for item in run:
                     yield item
         finally:
@@ -145,8 +215,8 @@ class GenerationService:
                 self._agent_locks.pop(agent_id, None)
 
     async def _run(self, agent_id: str | None, messages: list[dict[str, str]],
-                   params: GenerationParams, model_id: str | None,
-                   ) -> AsyncIterator[str | Outcome]:
+                   params: GenerationParams, model_id: str | None, request_id: str | None,
+                   ) -> AsyncIterator[Admitted | str | Outcome]:
         loaded = self.engine.loaded
         if loaded is None:
             raise GenerationFailed("no model is loaded")
@@ -161,9 +231,9 @@ class GenerationService:
         outcome = Outcome(loaded.model_id, prompt_tokens=len(prompt))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        request_id = f"req-{next(self._ids)}"
+        job_id = f"job-{next(self._ids)}"
         self.engine.submit(Job(
-            request_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
+            job_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
             params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)))
         detokenizer = loaded.tokenizer.detokenizer
         stops = StopStrings(params.stop)
@@ -173,6 +243,7 @@ class GenerationService:
                 event = await events.get()
                 if isinstance(event, Started):
                     outcome.cached_tokens = event.cached_tokens
+                    yield Admitted(loaded.model_id, len(prompt), event.cached_tokens)
                 elif isinstance(event, TokenOut):
                     if outcome.ttft_seconds is None:
                         outcome.ttft_seconds = time.perf_counter() - outcome.started
@@ -181,14 +252,15 @@ class GenerationService:
                     if text := stops.feed(detokenizer.last_segment):
                         yield text
                     if stops.stopped:
-                        self.engine.cancel(request_id)
+                        self.engine.cancel(job_id)
                 elif isinstance(event, Finished):
                     ended = True
                     detokenizer.finalize()
                     if text := stops.feed(detokenizer.last_segment) + stops.flush():
                         yield text
-                    outcome.finish_reason = "stop" if stops.stopped else event.reason
+                    outcome.finish_reason = FinishReason.STOP if stops.stopped else event.reason
                     outcome.stop_sequence = stops.matched
+                    self._finished(outcome, agent_id, request_id)
                     yield outcome
                     return
                 elif isinstance(event, Failed):
@@ -196,4 +268,17 @@ class GenerationService:
                     raise GenerationFailed("generation failed") from event.error
         finally:
             if not ended:
-                self.engine.cancel(request_id)
+                self.engine.cancel(job_id)
+
+    def _finished(self, outcome: Outcome, agent_id: str | None, request_id: str | None) -> None:
+        """Count the request and log one line for it."""
+        outcome.seconds = time.perf_counter() - outcome.started
+        self.observer.request_finished(outcome)
+        log.info("request", extra={"fields": {
+            "request_id": request_id, "agent": hash_agent(agent_id),
+            "model": outcome.model_id, "prompt_tokens": outcome.prompt_tokens,
+            "cached_tokens": outcome.cached_tokens,
+            "generated_tokens": outcome.completion_tokens,
+            "ttft_s": round(outcome.ttft_seconds, 4) if outcome.ttft_seconds else None,
+            "seconds": round(outcome.seconds, 4), "finish_reason": outcome.finish_reason,
+            "status": 200}})

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from semantic_server.errors import ModelInvalid, ModelNotFound
 
 
+class ModelSource(StrEnum):
+    """Where a model's files come from."""
+
+    IMPORTED = "imported"  # a directory under models_dir (what the GGUF importer writes)
+    LOCAL = "local"  # a local MLX directory named in extra_models
+    HUGGINGFACE = "huggingface"  # a hub repo id in extra_models
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     model_id: str
-    source: str  # "imported", "local" or "huggingface"
+    source: ModelSource
     path: Path | None  # None: a hub repo not in the local cache yet
 
 
@@ -50,13 +59,13 @@ class ModelCatalog:
         if self.models_dir.is_dir():
             for child in sorted(self.models_dir.iterdir()):
                 if not child.name.startswith(".") and _is_model_dir(child):
-                    entries[child.name] = CatalogEntry(child.name, "imported", child)
+                    entries[child.name] = CatalogEntry(child.name, ModelSource.IMPORTED, child)
         for spec in self.extra_models:
             local = Path(spec).expanduser()
             if local.is_dir():
-                entries.setdefault(local.name, CatalogEntry(local.name, "local", local))
+                entries.setdefault(local.name, CatalogEntry(local.name, ModelSource.LOCAL, local))
             else:
-                entries.setdefault(spec, CatalogEntry(spec, "huggingface",
+                entries.setdefault(spec, CatalogEntry(spec, ModelSource.HUGGINGFACE,
                                                       _hf_cached(spec, local_only=True)))
         return list(entries.values())
 

@@ -24,6 +24,7 @@ from semantic_server.errors import ModelInvalid, ModelLoadError
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import LayerKind, ModelDims, dims_from_config
 from semantic_server.models.fingerprint import weights_fingerprint
+from semantic_server.models.tag import ModelTag
 
 TOKENIZERS_KEPT = 4
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -39,15 +40,6 @@ class MemorySnapshot:
     def now(cls) -> MemorySnapshot:
         return cls(mx.get_active_memory(), mx.get_peak_memory(),
                    psutil.Process().memory_info().rss)
-
-
-@dataclass(frozen=True)
-class ModelTag:
-    """Which weights a KV cache was computed with: the id, the weights and the geometry."""
-
-    model_id: str
-    fingerprint: str
-    dims: ModelDims
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A real server process on a free port of 127.0.0.1, for end-to-end tests."""
+"""A real semantic-server process on a free port of 127.0.0.1: for the end-to-end tests,
+the experiments and the benchmarks alike."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from tests.conftest import MODELS_DIR, ROOT
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = ROOT / "models"
 
 
 def free_port() -> int:
@@ -27,7 +29,7 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m semantic_server serve`` with the given settings (SEMANTIC_* variables)."""
 
-    def __init__(self, model: str, max_file_bytes: int | None = None, **settings: str):
+    def __init__(self, model: str, max_file_bytes: int | None = None, **settings: str) -> None:
         self.model = model
         self.max_file_bytes = max_file_bytes
         self.port = free_port()

@@ -1,0 +1,63 @@
+"""What the engine thread is asked to run and what it says back: the typed messages that
+cross between the asyncio side and the engine thread.
+
+A job goes in through ``BatchEngine.submit``; its ``emit`` callback receives exactly one
+``Started`` (or a ``Failed``), then ``TokenOut`` events, then one ``Finished`` or
+``Failed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # an end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # removed from the batch: its client left, or a stop string hit
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job is in the batch; ``cached_tokens`` of its prompt came from a cache."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    token: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Started | TokenOut | Finished | Failed
+
+
+@dataclass
+class Job:
+    request_id: str
+    agent_id: str | None  # None: anonymous, served from the shared prefix cache
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[Event], None]

@@ -1,0 +1,100 @@
+"""One typed snapshot of the server's state, built in one place.
+
+``/health``, ``/admin/models/current`` (and so the ``status`` command) and the metrics
+collector all read this, so they can never disagree about what the server is doing. It
+reads counters and in-memory indexes only (no disk, no MLX work), so the event loop can
+take one at any time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from semantic_server.blas import blas_status
+from semantic_server.cache.agent_store import AgentCacheStore, Lookup, Residency
+from semantic_server.cache.block_pool import BlockPool
+from semantic_server.engine.batch_engine import BatchEngine
+from semantic_server.engine.gate import AdmissionGate, ServerState
+from semantic_server.models.dims import ModelDims
+from semantic_server.models.registry import MemorySnapshot
+
+
+@dataclass(frozen=True)
+class PoolState:
+    budget_bytes: int
+    capacity_blocks: int
+    used_blocks: int
+    block_tokens: int
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    state: ServerState
+    reason: str | None  # why the server is degraded
+    model_id: str | None
+    dims: ModelDims | None
+    tag: str | None  # digest of the active cache tag
+    fingerprint: str | None
+    in_flight: int
+    held: int
+    active_sequences: int
+    pool: PoolState
+    caches: Residency
+    lookups: dict[Lookup, int]
+    write_failures: int
+    disk_deletions: int
+    disk_budget_bytes: int | None
+    memory: MemorySnapshot
+    blas: str
+
+    def current(self) -> dict[str, Any]:
+        """The JSON of ``/admin/models/current``."""
+        return {
+            "model_id": self.model_id,
+            "state": self.state.value,
+            "reason": self.reason,
+            "dims": self.dims.as_dict() if self.dims else None,
+            "tag": self.tag,
+            "fingerprint": self.fingerprint,
+            "memory": {"mlx_active_bytes": self.memory.active_bytes,
+                       "mlx_peak_bytes": self.memory.peak_bytes,
+                       "rss_bytes": self.memory.rss_bytes},
+            "kv_pool": {"budget_bytes": self.pool.budget_bytes,
+                        "capacity_blocks": self.pool.capacity_blocks,
+                        "used_blocks": self.pool.used_blocks,
+                        "block_tokens": self.pool.block_tokens},
+            "caches": {"hot_agents": self.caches.hot_agents, "hot_bytes": self.caches.hot_bytes,
+                       "cold_agents": self.caches.cold_agents,
+                       "cold_bytes": self.caches.cold_bytes,
+                       "disk_budget_bytes": self.disk_budget_bytes,
+                       "disk_deletions": self.disk_deletions,
+                       "write_failures": self.write_failures,
+                       "lookups": {k.value: v for k, v in self.lookups.items()}},
+        }
+
+
+def take_snapshot(engine: BatchEngine, gate: AdmissionGate, pool: BlockPool,
+                  store: AgentCacheStore) -> ServerSnapshot:
+    loaded = engine.loaded
+    tag = store.tag
+    degraded = gate.state is ServerState.DEGRADED
+    return ServerSnapshot(
+        state=gate.state,
+        reason=gate.degraded_reason if degraded else None,
+        model_id=loaded.model_id if loaded else None,
+        dims=loaded.dims if loaded else None,
+        tag=tag.digest if tag else None,
+        fingerprint=loaded.tag.fingerprint if loaded else None,
+        in_flight=gate.in_flight,
+        held=gate.held,
+        active_sequences=engine.active_jobs,
+        pool=PoolState(pool.budget_bytes, pool.capacity, pool.used, pool.block_tokens),
+        caches=store.residency(),
+        lookups={outcome: store.lookups.get(outcome, 0) for outcome in Lookup},
+        write_failures=store.write_failures,
+        disk_deletions=store.disk_deletions,
+        disk_budget_bytes=store.disk_budget_bytes,
+        memory=MemorySnapshot.now(),
+        blas=blas_status().name,
+    )

@@ -1,0 +1,264 @@
+"""Fakes for the fast tier: models that compute nothing, so the server's own logic (gate,
+engine, caches, swaps, routes) runs in milliseconds.
+
+What is fake is only what needs a real model: ``FakeRegistry`` loads ``FakeModel``s (whose
+loads succeed, fail, give NaN or hang on request, and count their loads and unloads, as
+llama-swap's router tests do with ``newFakeProcess``), and ``FakeGenerator`` stands in for
+mlx-lm's BatchGenerator: it "prefills" and "decodes" by writing each token's id into real
+mlx-lm KV caches, so the store, the pool and the cache files see real arrays whose
+contents say which tokens they hold. Everything else is the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from semantic_server.config import Settings
+from semantic_server.engine.service import Admitted, GenerationParams, GenerationService, Outcome
+from semantic_server.errors import ModelLoadError
+from semantic_server.models.catalog import ModelCatalog
+from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
+from semantic_server.models.registry import LoadedModel, LoadStats, MemorySnapshot, UnloadStats
+from semantic_server.models.tag import ModelTag
+
+EOS = 0
+HEAD_DIM = 8
+CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
+          "hidden_size": HEAD_DIM, "max_position_embeddings": 4096}
+DIMS = ModelDims(2, 1, HEAD_DIM, "float32", (LayerCache(LayerKind.GLOBAL),) * 2)
+
+
+class FakeDetokenizer:
+    def __init__(self) -> None:
+        self.last_segment = ""
+
+    def add_token(self, token: int) -> None:
+        self.last_segment = chr(token)
+
+    def finalize(self) -> None:
+        self.last_segment = ""
+
+
+class FakeTokenizer:
+    """One token per character (its code point); a chat template of ``role: text`` lines."""
+
+    eos_token_ids = frozenset({EOS})
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+
+    @property
+    def detokenizer(self) -> FakeDetokenizer:
+        return FakeDetokenizer()
+
+
+@dataclass
+class FakeModel:
+    """How a fake model behaves: what it answers, and how its load goes.
+
+    ``load``: "ok", "fail" (a ModelLoadError) or "nan" (a warm-up with NaN logits).
+    ``load_gate``: when set, a load waits until the event is set (a load that hangs).
+    ``step_gate``: when set, decoding waits for it (requests stay in flight on purpose).
+    """
+
+    reply: str = "Hello!"
+    load: str = "ok"
+    load_gate: threading.Event | None = None
+    step_gate: threading.Event | None = None
+    loads: int = 0
+    unloads: int = 0
+
+
+class FakeRegistry:
+    """ModelRegistry's interface over ``FakeModel``s; the catalog is real (tiny folders)."""
+
+    compute_dtype = None
+
+    def __init__(self, catalog: ModelCatalog, models: dict[str, FakeModel]) -> None:
+        self.catalog = catalog
+        self.models = models
+        self.current: LoadedModel | None = None
+
+    def kv_dtype_name(self, config: dict[str, Any]) -> str:
+        return "float32"
+
+    def load(self, model_id: str) -> LoadedModel:
+        if self.current is not None:
+            raise RuntimeError(f"{self.current.model_id} is loaded: unload it first")
+        path = self.catalog.resolve(model_id)
+        spec = self.models[model_id]
+        spec.loads += 1
+        if spec.load_gate is not None:
+            spec.load_gate.wait(timeout=30)
+        if spec.load == "fail":
+            raise ModelLoadError(f"could not load {model_id!r}: broken on purpose")
+        if spec.load == "nan":
+            raise ModelLoadError("warm-up produced non-finite logits")
+        snapshot = MemorySnapshot(0, 0, 0)
+        self.current = LoadedModel(model_id, path, spec, FakeTokenizer(), dict(CONFIG),
+                                   ModelTag(model_id, f"fp-{model_id}", DIMS),
+                                   LoadStats(0.0, snapshot, snapshot))
+        return self.current
+
+    def unload(self) -> UnloadStats:
+        if self.current is None:
+            raise RuntimeError("no model is loaded")
+        self.models[self.current.model_id].unloads += 1
+        snapshot = MemorySnapshot(0, 0, 0)
+        unloaded = UnloadStats(self.current.model_id, 0.0, snapshot, snapshot)
+        self.current = None
+        return unloaded
+
+
+def write_model_dirs(root: Path, model_ids: list[str]) -> Path:
+    """Folders the real catalog lists: a config.json and an (empty) weights file each."""
+    for model_id in model_ids:
+        folder = root / model_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(CONFIG))
+        (folder / "model.safetensors").write_bytes(b"")
+    return root
+
+
+def append_tokens(layers: list[Any], tokens: list[int]) -> None:
+    """Grow each layer's cache by ``tokens``; every key and value holds its token's id."""
+    if not tokens:
+        return
+    values = mx.array(tokens, dtype=mx.float32).reshape(1, 1, len(tokens), 1)
+    values = values * mx.ones((1, 1, len(tokens), HEAD_DIM))
+    for layer in layers:
+        layer.update_and_fetch(values, values)
+
+
+def cached_token_ids(layers: list[Any]) -> list[int]:
+    """The token ids a fake cache holds (what ``append_tokens`` wrote), from its arrays."""
+    keys = layers[0].state[0]
+    return [int(v) for v in keys[0, 0, : layers[0].offset, 0].tolist()]
+
+
+@dataclass
+class _Sequence:
+    uid: int
+    prompt: list[int]
+    max_tokens: int
+    cache: list[Any]
+    tokens: list[int]  # every token the cache holds (all_tokens)
+    generated: int = 0
+    prefilled: bool = False
+
+
+@dataclass
+class FakeResponse:
+    uid: int
+    token: int
+    finish_reason: str | None
+    prompt_cache: list[Any] | None = None
+    all_tokens: list[int] | None = None
+
+
+@dataclass
+class FakeGenerator:
+    """BatchGenerator's interface: each ``next()`` prefills every new sequence and emits one
+    token of the model's reply for each running one, then EOS (or stops at max_tokens)."""
+
+    model: FakeModel
+    sequences: dict[int, _Sequence] = field(default_factory=dict)
+    next_uid: int = 0
+    closed: bool = False
+
+    @classmethod
+    def factory(cls, loaded: LoadedModel, max_batch: int, prefill_step_size: int,
+                ) -> FakeGenerator:
+        return cls(loaded.model)
+
+    def insert(self, prompts: list[list[int]], max_tokens: list[int], caches: list[Any],
+               all_tokens: list[list[int]], samplers: list[Any]) -> list[int]:
+        uids = []
+        for prompt, limit, cache, tokens in zip(prompts, max_tokens, caches, all_tokens,
+                                                strict=True):
+            if not prompt:
+                raise ValueError("empty prompt")
+            uid, self.next_uid = self.next_uid, self.next_uid + 1
+            layers = cache if cache is not None else [KVCache() for _ in range(DIMS.n_layers)]
+            self.sequences[uid] = _Sequence(uid, list(prompt), limit, layers, list(tokens))
+            uids.append(uid)
+        return uids
+
+    def remove(self, uids: list[int], return_prompt_caches: bool = False,
+               ) -> dict[int, tuple[list[Any], list[int]]]:
+        removed = {uid: self.sequences.pop(uid) for uid in uids if uid in self.sequences}
+        return {uid: (s.cache, s.tokens) for uid, s in removed.items()}
+
+    def next(self) -> tuple[list[Any], list[FakeResponse]]:
+        gate = self.model.step_gate
+        if gate is not None and not gate.wait(timeout=0.01):
+            return [], []  # held on purpose: the engine tries again (a wait, not a spin)
+        responses = []
+        for seq in list(self.sequences.values()):
+            if not seq.prefilled:
+                append_tokens(seq.cache, seq.prompt)
+                seq.tokens += seq.prompt
+                seq.prefilled = True
+            reply = self.model.reply
+            token = ord(reply[seq.generated]) if seq.generated < len(reply) else EOS
+            seq.generated += 1
+            finish = ("stop" if token == EOS else
+                      "length" if seq.generated >= seq.max_tokens else None)
+            if finish is None or finish == "length":
+                append_tokens(seq.cache, [token])  # the sampled token enters the cache
+                seq.tokens.append(token)
+            if finish is None:
+                responses.append(FakeResponse(seq.uid, token, None))
+                continue
+            del self.sequences[seq.uid]
+            responses.append(FakeResponse(seq.uid, token, finish, seq.cache, seq.tokens))
+        return [], responses
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_settings(root: Path, model: str = "fake-a", **overrides: Any) -> Settings:
+    """Settings of an in-process server over fake models under ``root``."""
+    return Settings(model=model, models_dir=root / "models", cache_dir=root / "caches",
+                    kv_budget_bytes=overrides.pop("kv_budget_bytes", 2**20),
+                    cache_disk_bytes=overrides.pop("cache_disk_bytes", 2**30),
+                    swap_hold_seconds=overrides.pop("swap_hold_seconds", 5.0), **overrides)
+
+
+@dataclass
+class TurnResult:
+    admitted: Admitted
+    text: str
+    outcome: Outcome
+
+
+async def run_turn(service: GenerationService, agent: str | None, content: str,
+                   max_tokens: int = 64, model: str | None = None,
+                   history: list[dict[str, str]] | None = None,
+                   stop: tuple[str, ...] = ()) -> TurnResult:
+    """One whole turn through the real service: the user's ``content`` after ``history``."""
+    messages = [*(history or []), {"role": "user", "content": content}]
+    params = GenerationParams(max_tokens=max_tokens, stop=stop)
+    items = service.generate(agent, messages, params, model)
+    first = await anext(items)
+    assert isinstance(first, Admitted), first
+    text = []
+    async for item in items:
+        if isinstance(item, Outcome):
+            return TurnResult(first, "".join(text), item)
+        text.append(item)
+    raise AssertionError("the generation ended without an outcome")
+

@@ -1,0 +1,125 @@
+"""The HTTP layer in process (Starlette's TestClient, the real app over fake models): the
+shapes of replies, streams, errors and admin answers, and that every endpoint that reports
+state reads the same snapshot."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from semantic_server.app import create_app
+from semantic_server.models.catalog import ModelCatalog
+from tests.fakes import FakeGenerator, FakeRegistry, fake_settings, write_model_dirs
+from tests.polling import wait_for
+
+KEY = "fast-key"
+ADMIN = {"X-Admin-Key": KEY}
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+
+
+@pytest.fixture
+def client(tmp_path, fake_models):
+    write_model_dirs(tmp_path / "models", list(fake_models))
+    registry = FakeRegistry(ModelCatalog(tmp_path / "models"), fake_models)
+    app = create_app(fake_settings(tmp_path, admin_key=KEY), registry=registry,
+                     make_generator=FakeGenerator.factory)
+    with TestClient(app) as client:
+        yield client
+
+
+def _metrics(client) -> dict[tuple, float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(client.get("/metrics").text)
+            for s in family.samples}
+
+
+def test_chat_reply_and_cached_tokens(client):
+    first = client.post("/v1/chat/completions", json=CHAT, headers={"X-Agent-ID": "a1"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["model"] == "fake-a" and body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from A."}
+    again = client.post("/v1/chat/completions", headers={"X-Agent-ID": "a1"}, json={
+        **CHAT, "messages": [*CHAT["messages"], body["choices"][0]["message"],
+                             {"role": "user", "content": "And?"}]}).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == \
+        body["usage"]["prompt_tokens"] + len("Hello from A.")
+
+
+def test_stream_chunks_then_usage_then_done(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+            **CHAT, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert {c["model"] for c in chunks} == {"fake-a"}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "Hello from A."
+    assert chunks[-1]["usage"]["completion_tokens"] == len("Hello from A.")
+
+
+def test_messages_api_reply(client):
+    reply = client.post("/v1/messages", json={"max_tokens": 32, **CHAT}).json()
+    assert reply["content"] == [{"type": "text", "text": "Hello from A."}]
+    assert reply["stop_reason"] == "end_turn" and reply["model"] == "fake-a"
+    missing = client.post("/v1/messages", json={**CHAT, "max_tokens": 8, "model": "nope"})
+    assert missing.status_code == 404 and missing.json()["type"] == "error"
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [
+    ("nope", 404, "model_not_found"), ("fake-b", 409, "model_not_loaded")])
+def test_a_model_that_is_not_serving(client, model, status, code):
+    response = client.post("/v1/chat/completions", json={**CHAT, "model": model})
+    assert response.status_code == status and response.json()["error"]["code"] == code
+
+
+def test_health_status_and_metrics_read_one_snapshot(client):
+    client.post("/v1/chat/completions", json=CHAT, headers={"X-Agent-ID": "snap"})
+    health = client.get("/health").json()
+    assert health == {"state": "ready", "model": "fake-a", "in_flight": 0, "held": 0,
+                      "active_sequences": 0, "blas": health["blas"]}
+    current = client.get("/admin/models/current", headers=ADMIN).json()
+    assert current["model_id"] == "fake-a" and current["state"] == "ready"
+    assert current["caches"]["hot_agents"] == 1 and current["caches"]["lookups"]["miss"] == 1
+    assert current["caches"]["disk_budget_bytes"] == 2**30
+    samples = _metrics(client)
+    assert samples[("semantic_agents", (("residency", "hot"),))] == 1
+    assert samples[("semantic_cache_lookups_total", (("outcome", "miss"),))] == 1
+    assert samples[("semantic_kv_blocks", (("state", "used"),))] == \
+        current["kv_pool"]["used_blocks"]
+
+
+def test_swap_outcomes_map_to_statuses_and_are_all_recorded(client, fake_models):
+    assert client.post("/admin/models/swap", json={"model_id": "fake-b"},
+                       headers=ADMIN).status_code == 200
+    fake_models["fake-b"].step_gate = threading.Event()  # a request stays in flight
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.post, "/v1/chat/completions", json=CHAT)
+        wait_for(lambda: client.get("/health").json()["active_sequences"], timeout=5)
+        aborted = client.post("/admin/models/swap", headers=ADMIN,
+                              json={"model_id": "fake-a", "timeout_seconds": 0.05})
+        fake_models["fake-b"].step_gate.set()
+        assert running.result().json()["model"] == "fake-b"
+    assert aborted.status_code == 504
+    assert aborted.json()["status"] == "aborted" and aborted.json()["failed_step"] == "drain"
+    fake_models["fake-a"].load = "fail"
+    rolled = client.post("/admin/models/swap", json={"model_id": "fake-a"}, headers=ADMIN)
+    assert rolled.status_code == 500 and rolled.json()["status"] == "rolled_back"
+    assert [s["name"] for s in rolled.json()["rollback_steps"]] == [
+        "load", "reconfigure", "retag", "reinit"]
+    history = client.get("/admin/swaps", headers=ADMIN).json()["data"]
+    assert [h["status"] for h in history] == ["success", "aborted", "rolled_back"]
+    samples = _metrics(client)
+    assert {outcome: samples[("semantic_swaps_total", (("result", outcome),))]
+            for outcome in ("success", "aborted", "rolled_back")} == {
+        "success": 1, "aborted": 1, "rolled_back": 1}
+
+
+def test_admin_needs_its_key(client):
+    assert client.get("/admin/models/current").status_code == 401
+    assert client.get("/admin/swaps", headers={"X-Admin-Key": "wrong"}).status_code == 401
