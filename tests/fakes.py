@@ -71,12 +71,14 @@ class FakeModel:
     ``load``: "ok", "fail" (a ModelLoadError) or "nan" (a warm-up with NaN logits).
     ``load_gate``: when set, a load waits until the event is set (a load that hangs).
     ``step_gate``: when set, decoding waits for it (requests stay in flight on purpose).
+    ``step_fault``: raised by the next decoding step (a fault injected into the engine).
     """
 
     reply: str = "Hello!"
     load: str = "ok"
     load_gate: threading.Event | None = None
     step_gate: threading.Event | None = None
+    step_fault: BaseException | None = None
     loads: int = 0
     unloads: int = 0
 
@@ -202,6 +204,8 @@ class FakeGenerator:
         return {uid: (s.cache, s.tokens) for uid, s in removed.items()}
 
     def next(self) -> tuple[list[Any], list[FakeResponse]]:
+        if self.model.step_fault is not None:
+            raise self.model.step_fault
         gate = self.model.step_gate
         if gate is not None and not gate.wait(timeout=0.01):
             return [], []  # held on purpose: the engine tries again (a wait, not a spin)

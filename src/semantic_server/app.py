@@ -19,13 +19,19 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from semantic_server.api import admin_routes, anthropic_routes, openai_routes, ops_routes
+from semantic_server.api.client_watch import ClientWatchMiddleware
 from semantic_server.api.errors import handle_any, handle_http
 from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.config import Settings
-from semantic_server.engine.batch_engine import BatchEngine, GeneratorFactory, batch_generator
+from semantic_server.engine.batch_engine import (
+    BatchEngine,
+    EngineStopped,
+    GeneratorFactory,
+    batch_generator,
+)
 from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.service import GenerationService
 from semantic_server.errors import CacheWriteError, SemanticServerError
@@ -88,10 +94,12 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries,
+                         shared_prefix_bytes=pool.budget_bytes // 8,
                          make_generator=make_generator)
     gate = AdmissionGate(settings.swap_hold_seconds)
     metrics = Metrics(lambda: take_snapshot(engine, gate, pool, store))
-    service = GenerationService(engine, gate, catalog, metrics, settings.max_context_tokens)
+    service = GenerationService(engine, gate, catalog, metrics, settings.max_context_tokens,
+                                settings.max_queued)
     orchestrator = ModelSwapOrchestrator(catalog=catalog, registry=registry, engine=engine,
                                          pool=pool, store=store, gate=gate, observer=metrics,
                                          block_tokens=settings.block_tokens)
@@ -114,8 +122,8 @@ async def stop_server(server: ServerContext) -> None:
     try:
         written = await server.engine.on_thread(server.store.evict_all)
         log.info("wrote %d hot agent caches to disk before exit", len(written))
-    except CacheWriteError as exc:  # the process ends anyway; the older files stay valid
-        log.error("some agent caches were lost at exit: %s", exc)
+    except (CacheWriteError, EngineStopped) as exc:  # the process ends anyway; older files
+        log.error("some agent caches were lost at exit: %s", exc)  # stay valid
     finally:
         server.engine.shutdown()
 
@@ -145,7 +153,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             Exception: handle_any,
         },
     )
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ClientWatchMiddleware, send_timeout=settings.send_timeout_seconds)
+    app.add_middleware(RequestIdMiddleware)  # added last: the outermost, so ids reach logs
     return app
 
 

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, gt=0, description="Largest request body accepted.")
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask.")
     default_max_tokens: int = Field(512, gt=0, description="max_tokens when a request omits it.")
+    send_timeout_seconds: float = Field(
+        30.0, gt=0, description="A client that takes no chunk of its reply for this long is "
+        "cut off and its request cancelled.")
     max_context_tokens: int = Field(
         8192, gt=0, description="Prompt plus completion limit (also capped by the model's own).")
 
@@ -65,7 +68,11 @@ class Settings(BaseSettings):
         None, gt=0, description="Memory for hot agent caches; default a quarter of free RAM.")
     block_tokens: int = Field(256, gt=0, description="Tokens per KV block of the BlockPool.")
     shared_prefix_entries: int = Field(
-        8, ge=0, description="Prefix caches kept for anonymous requests.")
+        8, ge=0, description="Prefix caches kept for anonymous requests (within an eighth of "
+        "the KV budget).")
+    max_queued: int = Field(
+        64, gt=0, description="Requests that may wait (for a swap, their agent's previous "
+        "request, a batch slot or KV room); more get 429 with Retry-After.")
 
     cache_dir: Path = Field(
         Path.home() / ".cache" / "semantic-server" / "agents",

@@ -50,16 +50,29 @@ class ModelNotLoaded(SemanticServerError):
     """The request names an available model that is not the loaded one."""
 
 
-class ServerBusy(SemanticServerError):
-    """A swap held the request longer than the hold limit; retry after ``retry_after`` s."""
+class Retryable(SemanticServerError):
+    """The request could not run now; the client may retry after ``retry_after`` seconds."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
+class ServerBusy(Retryable):
+    """A swap held the request longer than the hold limit."""
+
+
+class AgentBusy(Retryable):
+    """Another request of the same agent held its cache longer than the hold limit."""
+
+
+class QueueFull(Retryable):
+    """Too many requests are already waiting (``SEMANTIC_MAX_QUEUED``)."""
+
+
 class ServiceDegraded(SemanticServerError):
-    """A swap failed and so did its rollback: no model serves until a swap succeeds."""
+    """No model serves: a swap and its rollback failed, or the engine thread stopped. The
+    message is short and safe to show anyone; the details are in the admin API and logs."""
 
 
 class GenerationFailed(SemanticServerError):

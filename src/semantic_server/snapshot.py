@@ -15,7 +15,8 @@ from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore, Lookup, Residency
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.engine.batch_engine import BatchEngine
-from semantic_server.engine.gate import AdmissionGate, ServerState
+from semantic_server.engine.gate import DEGRADED_PUBLIC, AdmissionGate, ServerState
+from semantic_server.engine.service import ENGINE_STOPPED_PUBLIC
 from semantic_server.models.dims import ModelDims
 from semantic_server.models.registry import MemorySnapshot
 
@@ -24,14 +25,16 @@ from semantic_server.models.registry import MemorySnapshot
 class PoolState:
     budget_bytes: int
     capacity_blocks: int
-    used_blocks: int
+    used_blocks: int  # hot agent caches
+    reserved_blocks: int  # running requests and the anonymous prefix cache
     block_tokens: int
 
 
 @dataclass(frozen=True)
 class ServerSnapshot:
     state: ServerState
-    reason: str | None  # why the server is degraded
+    reason: str | None  # why the server is degraded: for the admin API and the logs
+    public_reason: str | None  # the same, short and safe for anyone
     model_id: str | None
     dims: ModelDims | None
     tag: str | None  # digest of the active cache tag
@@ -39,6 +42,7 @@ class ServerSnapshot:
     in_flight: int
     held: int
     active_sequences: int
+    queued: int
     pool: PoolState
     caches: Residency
     lookups: dict[Lookup, int]
@@ -63,6 +67,7 @@ class ServerSnapshot:
             "kv_pool": {"budget_bytes": self.pool.budget_bytes,
                         "capacity_blocks": self.pool.capacity_blocks,
                         "used_blocks": self.pool.used_blocks,
+                        "reserved_blocks": self.pool.reserved_blocks,
                         "block_tokens": self.pool.block_tokens},
             "caches": {"hot_agents": self.caches.hot_agents, "hot_bytes": self.caches.hot_bytes,
                        "cold_agents": self.caches.cold_agents,
@@ -78,10 +83,15 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, pool: BlockPool,
                   store: AgentCacheStore) -> ServerSnapshot:
     loaded = engine.loaded
     tag = store.tag
-    degraded = gate.state is ServerState.DEGRADED
+    state, reason, public = gate.state, gate.degraded_reason or None, DEGRADED_PUBLIC
+    if engine.failure is not None:
+        state, reason = ServerState.DEGRADED, f"the engine thread stopped: {engine.failure}"
+        public = ENGINE_STOPPED_PUBLIC
+    degraded = state is ServerState.DEGRADED
     return ServerSnapshot(
-        state=gate.state,
-        reason=gate.degraded_reason if degraded else None,
+        state=state,
+        reason=reason if degraded else None,
+        public_reason=public if degraded else None,
         model_id=loaded.model_id if loaded else None,
         dims=loaded.dims if loaded else None,
         tag=tag.digest if tag else None,
@@ -89,7 +99,9 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, pool: BlockPool,
         in_flight=gate.in_flight,
         held=gate.held,
         active_sequences=engine.active_jobs,
-        pool=PoolState(pool.budget_bytes, pool.capacity, pool.used, pool.block_tokens),
+        queued=engine.queued_jobs,
+        pool=PoolState(pool.budget_bytes, pool.capacity, pool.used, pool.reserved,
+                       pool.block_tokens),
         caches=store.residency(),
         lookups={outcome: store.lookups.get(outcome, 0) for outcome in Lookup},
         write_failures=store.write_failures,

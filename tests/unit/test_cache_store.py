@@ -4,8 +4,12 @@ objects holding small arrays."""
 from __future__ import annotations
 
 import json
+import os
+import resource
+import zlib
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
@@ -28,9 +32,9 @@ DIMS = ModelDims(2, 1, 8, "float32", (LayerCache(LayerKind.GLOBAL),
 TAG = CacheTag("tiny", "f00d", 2, 1, 8, 4, "float32", (None, 16))
 
 
-def _layers(tokens: int) -> list:
+def _layers(tokens: int, window: int = 16) -> list:
     """A global and a sliding layer that have seen ``tokens`` tokens."""
-    glob, slide = KVCache(), RotatingKVCache(max_size=16)
+    glob, slide = KVCache(), RotatingKVCache(max_size=window)
     for start in range(0, tokens, 5):
         n = min(5, tokens - start)
         k = mx.arange(start, start + n, dtype=mx.float32).reshape(1, 1, n, 1) * mx.ones(
@@ -49,8 +53,8 @@ def test_block_pool_counts_blocks_and_picks_lru_victims():
     pool.allocate("b", 8)
     pool.allocate("c", 8)
     assert pool.used == 6 and pool.free == 4
-    assert pool.victims_for(20) == ["a"]
-    assert pool.victims_for(10_000) is None
+    assert pool.victims_for(pool.blocks_for(20)) == ["a"]
+    assert pool.victims_for(pool.blocks_for(10_000)) is None
     with pytest.raises(RuntimeError):
         pool.reconfigure(DIMS)
 
@@ -97,9 +101,9 @@ def test_store_rejects_other_dims_and_quarantines(tmp_path):
     pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
     store = AgentCacheStore(pool, tmp_path)
     store.retag(TAG)
-    other = CacheTag("other", "beef", 2, 1, 8, 4, "float32", (None, None))
+    other = CacheTag("other", "beef", 2, 1, 8, 4, "float32", (None, 32))
     write_cache(tmp_path / TAG.digest / agent_file_name("a"), other,
-                AgentCache("a", _layers(4), list(range(4))))
+                AgentCache("a", _layers(4, window=32), list(range(4))))
     assert store.checkout("a") is None
     assert store.lookups[Lookup.REJECTED] == 1
     reasons = list((tmp_path / "quarantine").glob("*.reason.txt"))
@@ -176,3 +180,112 @@ def test_a_bad_tag_file_is_skipped_by_dims_reuse(tmp_path):
     write_cache(tmp_path / twin.digest / agent_file_name("c"), twin,
                 AgentCache("c", _layers(2), [0, 1]))
     assert read_tag_file(tmp_path / twin.digest) == twin
+
+
+def _store(tmp_path, **kwargs) -> AgentCacheStore:
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS),
+                            tmp_path, **kwargs)
+    store.retag(TAG)
+    return store
+
+
+def _damage_truncate(data: bytes) -> bytes:
+    return data[: len(data) - 40]
+
+
+def _damage_zero(data: bytes) -> bytes:
+    return bytes(len(data))
+
+
+def _damage_flip_a_value(data: bytes) -> bytes:
+    flipped = bytearray(data)
+    flipped[-9] ^= 0x40  # inside the last array's bytes: only the checksum can tell
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_zero, _damage_flip_a_value])
+def test_a_damaged_file_never_reaches_the_batch(tmp_path, damage):
+    store = _store(tmp_path)
+    path = tmp_path / TAG.digest / agent_file_name("a")
+    write_cache(path, TAG, AgentCache("a", _layers(12), list(range(12))))
+    path.write_bytes(damage(path.read_bytes()))
+    assert store.checkout("a") is None and store.lookups[Lookup.REJECTED] == 1
+    reason = next((tmp_path / "quarantine").glob("*.reason.txt")).read_text()
+    print(damage.__name__, "->", reason.strip())
+    assert not path.exists()
+
+
+def test_counts_that_disagree_with_the_arrays_are_rejected(tmp_path):
+    path = tmp_path / agent_file_name("a")
+    write_cache(path, TAG, AgentCache("a", _layers(6), list(range(6))))
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    arrays["tokens"] = mx.array(list(range(7)), dtype=mx.int32)  # one token too many
+    checksums = json.loads(metadata["checksums"])
+    checksums["tokens"] = zlib.crc32(memoryview(np.asarray(arrays["tokens"])))
+    mx.save_safetensors(str(path), arrays, {**metadata, "token_count": "7",
+                                            "checksums": json.dumps(checksums)})
+    with pytest.raises(CacheFileError, match="holds 6 tokens"):
+        read_cache(path)
+
+
+def test_a_file_that_cannot_be_opened_now_is_a_miss_not_a_quarantine(tmp_path):
+    # A real EMFILE: the process may open no more files while the store looks.
+    store = _store(tmp_path)
+    path = tmp_path / TAG.digest / agent_file_name("a")
+    write_cache(path, TAG, AgentCache("a", _layers(6), list(range(6))))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new file gets the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # so none may open
+    try:
+        assert store.checkout("a") is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert store.lookups[Lookup.MISS] == 1 and store.read_failures == 1
+    assert path.exists() and not (tmp_path / "quarantine").exists()
+    back = store.checkout("a")  # once files can be opened again, it serves
+    assert back is not None and back.tokens == list(range(6))
+
+
+def test_evict_all_makes_room_but_never_deletes_what_it_writes(tmp_path):
+    one = write_cache(tmp_path / "probe" / "x.safetensors", TAG,
+                      AgentCache("x", _layers(8), list(range(8))))
+    (tmp_path / "probe" / "x.safetensors").unlink()
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS),
+                            tmp_path / "caches", disk_budget_bytes=int(one * 2.5))
+    store.retag(TAG)
+    store.checkin(AgentCache("old", _layers(8), list(range(8))))
+    store.evict_all()
+    for agent in ("a", "b"):  # a swap's evict writes two caches: the old one must go
+        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+    assert sorted(store.evict_all()) == ["a", "b"]
+    assert {p.name for p in store.cold_files()} == {agent_file_name("a"), agent_file_name("b")}
+    assert store.disk_deletions == 1
+    for agent in ("c", "d", "e"):  # three do not fit at all: refused, nothing deleted
+        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+    with pytest.raises(CacheWriteError, match="disk budget"):
+        store.evict_all()
+    assert sorted(store.hot_agents()) == ["c", "d", "e"] and store.disk_deletions == 1
+    assert len(store.cold_files()) == 2
+
+
+def test_the_index_matches_the_folder_after_a_restart(tmp_path):
+    store = _store(tmp_path)
+    for agent in ("a", "b"):
+        store.checkin(AgentCache(agent, _layers(5), list(range(5))))
+    store.evict_all()
+    again = _store(tmp_path)
+    assert sorted(again.cold_files()) == sorted(store.cold_files())
+    assert again.residency().cold_bytes == sum(p.stat().st_size for p in store.cold_files())
+
+
+def test_quarantine_keeps_only_the_newest_files(tmp_path, monkeypatch):
+    monkeypatch.setattr("semantic_server.cache.agent_store.QUARANTINE_KEPT", 2)
+    store = _store(tmp_path)
+    for agent in ("a", "b", "c"):
+        path = tmp_path / TAG.digest / agent_file_name(agent)
+        write_cache(path, TAG, AgentCache(agent, _layers(4), list(range(4))))
+        path.write_bytes(b"\0" * 64)
+        assert store.checkout(agent) is None
+    assert len(list((tmp_path / "quarantine").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "quarantine").glob("*.reason.txt"))) == 2

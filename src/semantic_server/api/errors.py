@@ -33,13 +33,16 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
+    e.AgentBusy: (409, "invalid_request_error", "agent_busy"),
+    e.QueueFull: (429, "rate_limit_error", "too_many_requests"),
     e.ServiceDegraded: (503, "server_error", "degraded"),
     e.GenerationFailed: (500, "server_error", "generation_failed"),
 }
 
 # HTTP status -> Anthropic error type; other 4xx are invalid_request_error, 5xx api_error
 ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error",
-                   404: "not_found_error", 413: "request_too_large", 503: "overloaded_error"}
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
 ANTHROPIC_PATHS = ("/v1/messages",)
 
 
@@ -57,7 +60,7 @@ def from_exception(exc: Exception) -> JSONResponse:
             param = getattr(exc, "param", None)
             code = getattr(exc, "code", code)
             headers = ({"Retry-After": str(exc.retry_after)}
-                       if isinstance(exc, e.ServerBusy) else None)
+                       if isinstance(exc, e.Retryable) else None)
             return error_response(status, str(exc), error_type, code, param, headers)
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal server error", "server_error", "internal_error")

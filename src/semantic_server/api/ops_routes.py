@@ -23,8 +23,8 @@ async def health(request: Request) -> JSONResponse:
         "blas": state.blas,
     }
     degraded = state.state is ServerState.DEGRADED
-    if degraded:
-        body["reason"] = state.reason
+    if degraded:  # the details (exception text, paths) are in the admin API
+        body["reason"] = state.public_reason
     return JSONResponse(body, status_code=503 if degraded else 200)
 
 

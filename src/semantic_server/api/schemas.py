@@ -9,6 +9,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # a stop string is held back and searched on every token: keep it short
+
+
+def check_stop_lengths(stops: list[str]) -> None:
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -68,9 +76,10 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError("at most 4 stop sequences")
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        check_stop_lengths([stop] if isinstance(stop, str) else stop or [])
         return stop
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -105,11 +114,17 @@ class MessagesRequest(BaseModel):
     max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextPart] | None = None
-    stop_sequences: list[str] | None = Field(None, max_length=4)
+    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOPS)
     temperature: float = Field(1.0, ge=0, le=1)
     top_p: float = Field(1.0, gt=0, le=1)
     stream: bool = False
     metadata: AnthropicMetadata | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _short_stops(cls, stops: list[str] | None) -> list[str] | None:
+        check_stop_lengths(stops or [])
+        return stops
 
     def template_messages(self) -> list[dict[str, str]]:
         system = plain_text(self.system)

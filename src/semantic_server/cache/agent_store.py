@@ -28,6 +28,7 @@ from semantic_server.cache.cache_file import (
     TAG_FILE,
     AgentCache,
     CacheFileError,
+    CacheReadError,
     CacheTag,
     agent_file_name,
     estimated_file_bytes,
@@ -63,6 +64,14 @@ class Residency:
     cold_bytes: int
 
 
+def _mtime(path: Path) -> float:
+    """A file's modification time; 0 for one deleted meanwhile (its read will miss)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 class AgentCacheStore:
     def __init__(self, pool: BlockPool, cache_dir: Path, reuse: CacheReuse = CacheReuse.EXACT,
                  disk_budget_bytes: int | None = None) -> None:
@@ -73,6 +82,7 @@ class AgentCacheStore:
         self.tag: CacheTag | None = None
         self.lookups: Counter[Lookup] = Counter()
         self.write_failures = 0
+        self.read_failures = 0  # transient: the file could not be read then, and stayed
         self.disk_deletions = 0  # cold caches deleted to keep within the disk budget
         self._hot: dict[str, AgentCache] = {}
         self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
@@ -117,16 +127,41 @@ class AgentCacheStore:
 
     def checkin(self, entry: AgentCache) -> None:
         """Make ``entry`` hot again, evicting least recently used agents to fit it."""
-        victims = self.pool.victims_for(len(entry.tokens))
+        victims = self.pool.victims_for(self.pool.blocks_for(len(entry.tokens)))
         if victims is None:
-            log.warning("a cache of %d tokens exceeds the whole KV budget: written to disk",
-                        len(entry.tokens))
+            log.warning("a cache of %d tokens does not fit in the KV budget beside the "
+                        "running requests: written to disk", len(entry.tokens))
             self._spill(entry)
             return
         for agent_id in victims:
             self._evict(agent_id)
         self._hot[entry.agent_id] = entry
         self.pool.allocate(entry.agent_id, len(entry.tokens))
+
+    def fits(self, tokens: int) -> bool:
+        """Whether a job of ``tokens`` fits beside what running jobs reserved."""
+        return self.pool.fits(self.pool.blocks_for(tokens))
+
+    def reserve(self, key: str, tokens: int) -> None:
+        """Reserve room for a running job of ``tokens`` (its prompt plus max_tokens)."""
+        self._reserve(key, self.pool.blocks_for(tokens))
+
+    def reserve_bytes(self, key: str, nbytes: int) -> None:
+        """Reserve room for a holder counted in bytes (the anonymous prefix cache)."""
+        self.pool.unreserve(key)
+        self._reserve(key, self.pool.blocks_for_bytes(nbytes))
+
+    def _reserve(self, key: str, blocks: int) -> None:
+        """Evict least recently used hot caches to disk until ``blocks`` fit. What does not
+        fit beside the other reservations overdraws the budget: the engine starts such a
+        job only when no other job runs (``fits`` tells it when to wait)."""
+        victims = self.pool.victims_for(blocks)
+        for agent_id in victims if victims is not None else self.pool.agents():
+            self._evict(agent_id)
+        self.pool.reserve(key, blocks)
+
+    def unreserve(self, key: str) -> None:
+        self.pool.unreserve(key)
 
     def evict_all(self) -> list[str]:
         """Every hot cache to disk, then out of memory (a swap's evict step, and shutdown).
@@ -218,7 +253,7 @@ class AgentCacheStore:
                 tag = read_tag_file(tag_file.parent)
                 if tag is not None and tag.shape_key() == self.tag.shape_key():
                     paths.append(other)
-        return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+        return sorted(paths, key=_mtime, reverse=True)
 
     def _load_cold(self, agent_id: str) -> AgentCache | None:
         if self.tag is None:
@@ -227,6 +262,10 @@ class AgentCacheStore:
             try:
                 entry = read_cache(path)
                 self._check(entry, agent_id)
+            except CacheReadError as exc:  # transient: a miss now, the file stays for later
+                self.read_failures += 1
+                log.warning("cache file %s not read: %s", path.name, exc)
+                continue
             except CacheFileError as exc:
                 self.lookups[Lookup.REJECTED] += 1
                 log.warning("cache file %s rejected: %s", path.name, exc)

@@ -4,6 +4,10 @@ Counting blocks instead of bytes keeps the arithmetic integral and makes "how ma
 agents fit" easy to read off. A block's bytes follow from the model's dims, so a swap
 reconfigures the pool; its byte budget stays the same. A sliding-window layer never holds
 more than its window, which ``ModelDims.cache_bytes`` accounts for.
+
+Two kinds of holders share the budget: *hot* agent caches between turns (evictable, least
+recently used first) and *reservations* that cannot be evicted: a running job holds one
+for its prompt plus its max_tokens, and the anonymous prefix cache holds one for its bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from semantic_server.models.dims import ModelDims
 
 
 class BlockPool:
-    """Which agents' caches are resident, their blocks, and who is least recently used."""
+    """Which agents' caches are resident, what running jobs reserve, and who is least
+    recently used."""
 
     def __init__(self, budget_bytes: int, block_tokens: int, dims: ModelDims | None = None) -> None:
         """A pool sized for ``dims``; without dims it holds nothing until ``reconfigure``."""
@@ -24,6 +29,7 @@ class BlockPool:
         self.budget_bytes = budget_bytes
         self.block_tokens = block_tokens
         self._held: OrderedDict[str, int] = OrderedDict()  # agent -> blocks, LRU first
+        self._reserved: dict[str, int] = {}  # job (or the prefix cache) -> blocks
         self.dims: ModelDims | None = None
         self.block_bytes = 0
         self.capacity = 0
@@ -32,7 +38,7 @@ class BlockPool:
 
     def reconfigure(self, dims: ModelDims) -> None:
         """Size blocks for ``dims``; only an empty pool can change model (the swap evicts)."""
-        if self._held:
+        if self._held or self._reserved:
             raise RuntimeError("reconfigure needs an empty pool: evict every agent first")
         self.dims = dims
         self.block_bytes = dims.bytes_per_token * self.block_tokens
@@ -45,21 +51,30 @@ class BlockPool:
 
     @property
     def used(self) -> int:
+        """Blocks of hot agent caches."""
         return sum(list(self._held.values()))  # a copy: reports read it from other threads
 
     @property
+    def reserved(self) -> int:
+        """Blocks reserved by running jobs and the prefix cache."""
+        return sum(list(self._reserved.values()))
+
+    @property
     def free(self) -> int:
-        return self.capacity - self.used
+        return self.capacity - self.used - self.reserved
 
     def agents(self) -> list[str]:
         """Resident agents, least recently used first."""
         return list(self._held)
 
-    def victims_for(self, tokens: int) -> list[str] | None:
-        """The LRU agents that must leave for a cache of ``tokens`` to fit; None if it never
-        fits in the budget."""
-        need = self.blocks_for(tokens)
-        if need > self.capacity:
+    def fits(self, blocks: int) -> bool:
+        """Whether ``blocks`` fit once every hot cache is evicted."""
+        return blocks <= self.capacity - self.reserved
+
+    def victims_for(self, need: int) -> list[str] | None:
+        """The LRU agents that must leave for ``need`` blocks to fit; None if they do not
+        fit even with every hot cache gone."""
+        if not self.fits(need):
             return None
         victims, free = [], self.free
         for agent, blocks in self._held.items():
@@ -79,3 +94,14 @@ class BlockPool:
 
     def release(self, agent_id: str) -> None:
         self._held.pop(agent_id, None)
+
+    def reserve(self, key: str, blocks: int) -> None:
+        """Hold ``blocks`` for ``key`` beyond eviction (the caller evicted what it could; a
+        lone job larger than the budget may overdraw it)."""
+        self._reserved[key] = blocks
+
+    def unreserve(self, key: str) -> None:
+        self._reserved.pop(key, None)
+
+    def blocks_for_bytes(self, nbytes: int) -> int:
+        return math.ceil(nbytes / self.block_bytes) if self.block_bytes else 0

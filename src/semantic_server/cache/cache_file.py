@@ -12,28 +12,36 @@ id can reach outside the folder.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 from semantic_server.models.tag import ModelTag
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a CRC-32 of every array in the metadata
 TAG_FILE = "tag.json"
 HEADER_BYTES_PER_ARRAY = 128  # a safetensors header entry: name, dtype, shape, offsets
 _CACHE_CLASSES = {"KVCache": mlx_cache.KVCache, "RotatingKVCache": mlx_cache.RotatingKVCache}
 
 
 class CacheFileError(Exception):
-    """A cache file that cannot be used; the message is the logged reason."""
+    """A cache file whose content cannot be used (it is quarantined); the message is the
+    logged reason."""
+
+
+class CacheReadError(Exception):
+    """A cache file that cannot be read right now (a transient I/O failure): a miss."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +99,22 @@ def agent_file_name(agent_id: str) -> str:
     return hashlib.sha256(agent_id.encode()).hexdigest()[:32] + ".safetensors"
 
 
+def _fsync(fd: int) -> None:
+    """Flush a file to stable storage. On macOS ``fsync`` only reaches the drive's cache;
+    ``F_FULLFSYNC`` asks the drive to write it through."""
+    if hasattr(fcntl, "F_FULLFSYNC"):
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
+
+
 def _fsync_dir(path: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):  # POSIX; Windows has no directory fsync
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _trimmed_state(layer: Any) -> tuple:
@@ -136,8 +153,17 @@ def _contents(tag: CacheTag, entry: AgentCache) -> tuple[dict[str, mx.array], di
         "written_at": f"{time.time():.3f}",
         "classes": json.dumps([type(layer).__name__ for layer in entry.layers]),
         "layouts": json.dumps(layouts),
+        "checksums": json.dumps(dict.fromkeys(arrays, 0)),  # filled in when written
     }
     return arrays, metadata
+
+
+def _checksum(array: mx.array) -> int:
+    """CRC-32 of an (evaluated, contiguous) array's bytes: cheap enough for every read
+    (about 3 GB/s), and enough to tell a damaged file from a good one."""
+    if array.dtype == mx.bfloat16:  # NumPy has no bfloat16: the same bytes as uint16
+        array = array.view(mx.uint16)
+    return zlib.crc32(memoryview(np.asarray(array)))
 
 
 def estimated_file_bytes(tag: CacheTag, entry: AgentCache) -> int:
@@ -149,8 +175,12 @@ def estimated_file_bytes(tag: CacheTag, entry: AgentCache) -> int:
 
 
 def write_cache(path: Path, tag: CacheTag, entry: AgentCache) -> int:
-    """Write one agent's cache to ``path`` atomically; returns the file's size."""
+    """Write one agent's cache to ``path`` atomically, with a checksum of every array;
+    returns the file's size."""
     arrays, metadata = _contents(tag, entry)
+    arrays = {name: mx.contiguous(array) for name, array in arrays.items()}
+    mx.eval(arrays)
+    metadata["checksums"] = json.dumps({name: _checksum(a) for name, a in arrays.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
         _write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
@@ -165,7 +195,7 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(temporary)
         with temporary.open("rb+") as handle:
-            os.fsync(handle.fileno())
+            _fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -194,9 +224,22 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 
 def read_cache(path: Path) -> AgentCache:
-    """Read and check one cache file; any problem is a CacheFileError with the reason."""
+    """Read and check one cache file.
+
+    A file that cannot be read right now (too many open files, an I/O error, no
+    permission, deleted meanwhile) is a ``CacheReadError``: a miss, the file stays. A file
+    whose content is wrong (truncated, zeroed, a checksum that does not match, shapes or
+    counts that disagree with its metadata) is a ``CacheFileError`` with the reason.
+    """
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        with path.open("rb") as handle:
+            arrays, metadata = mx.load(handle, format="safetensors", return_metadata=True)
+    except OSError as exc:
+        raise CacheReadError(f"cannot read {path.name} now: {exc}") from exc
+    except Exception as exc:  # the safetensors parser's errors all mean: damaged
+        raise CacheFileError(f"unreadable cache file: {exc}") from exc
+    try:
+        _verify_checksums(arrays, json.loads(metadata["checksums"]))
         tag = CacheTag.from_json(metadata["tag"])
         classes = json.loads(metadata["classes"])
         layouts = json.loads(metadata["layouts"])
@@ -205,28 +248,47 @@ def read_cache(path: Path) -> AgentCache:
         count = int(metadata["token_count"])
         states = [tuple(arrays[f"layers.{i}.{j}"] if item == "@array" else item
                         for j, item in enumerate(layout)) for i, layout in enumerate(layouts)]
-    except Exception as exc:  # safetensors, JSON and key errors all mean: unreadable
-        raise CacheFileError(f"unreadable cache file: {exc}") from exc
+    except CacheFileError:
+        raise
+    except Exception as exc:  # JSON, key and type errors all mean: not one of our files
+        raise CacheFileError(f"bad cache file metadata: {exc}") from exc
     if tag.format_version != FORMAT_VERSION:
         raise CacheFileError(f"format version {tag.format_version}, expected {FORMAT_VERSION}")
     if count != len(tokens) or not len(classes) == len(states) == tag.n_layers:
         raise CacheFileError("token count or layer count does not match the metadata")
-    layers = [_layer(name, state, tag) for name, state in zip(classes, states, strict=True)]
+    layers = [_layer(name, state, tag, window, count) for name, state, window
+              in zip(classes, states, tag.layer_windows, strict=True)]
     return AgentCache(agent_id, layers, tokens, tag)
 
 
-def _layer(name: str, state: tuple, tag: CacheTag) -> Any:
+def _verify_checksums(arrays: dict[str, mx.array], expected: dict[str, int]) -> None:
+    if set(arrays) != set(expected):
+        raise CacheFileError("the file's arrays are not the ones its checksums list")
+    for name, array in arrays.items():
+        if _checksum(array) != expected[name]:
+            raise CacheFileError(f"checksum mismatch in {name}: the file is damaged")
+
+
+def _layer(name: str, state: tuple, tag: CacheTag, window: int | None, count: int) -> Any:
     """One layer's cache object, or a CacheFileError: a file whose layouts disagree with its
-    classes must be rejected like any other damaged file, not fail the agent's request."""
+    classes, its tag or its token count must be rejected like any other damaged file, never
+    reach the batch."""
     if name not in _CACHE_CLASSES:
         raise CacheFileError(f"unknown cache class {name}")
-    keys, values = (*state, None, None)[:2]
+    keys, values, offset, *rest = (*state, None, None, None)[:max(3, len(state))]
     if not isinstance(keys, mx.array) or keys.ndim != 4 or keys.shape[1] != tag.n_kv_heads \
             or keys.shape[3] != tag.head_dim:
         shape = tuple(keys.shape) if isinstance(keys, mx.array) else None
         raise CacheFileError(f"KV shape {shape} does not match the tag's dims")
     if not isinstance(values, mx.array) or values.shape[:3] != keys.shape[:3]:
         raise CacheFileError(f"{name} values do not match its keys")
+    if offset != count:
+        raise CacheFileError(f"{name} holds {offset} tokens, the file {count}")
+    rotating = name == "RotatingKVCache"
+    if rotating != (window is not None) or (rotating and rest[1] != window):
+        raise CacheFileError(f"{name} does not match the tag's window {window}")
+    if keys.shape[2] > count or (not rotating and keys.shape[2] != count):
+        raise CacheFileError(f"{name} has {keys.shape[2]} positions for {count} tokens")
     try:
         return _CACHE_CLASSES[name].from_state(state)
     except (TypeError, ValueError, IndexError) as exc:

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -104,11 +105,25 @@ def _make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array] | No
     return sample
 
 
+SHARED_PREFIX = "\0shared-prefix"  # the prefix cache's reservation (no job id looks like it)
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is gone: nothing can run until the process restarts."""
+
+
 class BatchEngine:
-    """Owns the loaded model's BatchGenerator and every KV array, on its own thread."""
+    """Owns the loaded model's BatchGenerator and every KV array, on its own thread.
+
+    Jobs wait in the engine's own queue until a batch slot is free and the KV budget has
+    room for their prompt plus max_tokens beside the jobs already running; a job's
+    reservation is released when it ends, so resident KV stays within the budget (a lone
+    job larger than the whole budget still runs, alone).
+    """
 
     def __init__(self, store: AgentCacheStore, *, max_batch: int = 16,
                  prefill_step_size: int = 512, shared_prefix_entries: int = 8,
+                 shared_prefix_bytes: int = 1 << 63,
                  make_generator: GeneratorFactory = batch_generator) -> None:
         """``make_generator`` builds the generator for a model; tests give one that computes
         no model (the engine's own logic is what they test)."""
@@ -116,14 +131,17 @@ class BatchEngine:
         self.make_generator = make_generator
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size
-        self._shared = LRUPromptCache(max_size=shared_prefix_entries)
+        self._shared_limits = (shared_prefix_entries, shared_prefix_bytes)
+        self._shared = LRUPromptCache(*self._shared_limits)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._loaded: LoadedModel | None = None
         self._generator: BatchGenerator | None = None
-        self._jobs: dict[int, Job] = {}  # generator uid -> job
+        self._pending: deque[Job] = deque()  # submitted, waiting for a slot and KV room
+        self._jobs: dict[int, Job] = {}  # generator uid -> running job
         self._uids: dict[str, int] = {}  # request id -> generator uid
         self._stopping = False
+        self.failure: str | None = None  # why the engine thread stopped, if it did
 
     # ---- thread-safe API -------------------------------------------------------------
     def start(self) -> None:
@@ -134,13 +152,20 @@ class BatchEngine:
         future: Future = Future()
 
         def command() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # handed to the caller, not swallowed
-                    future.set_exception(exc)
+            if not future.set_running_or_notify_cancel():
+                return
+            if self.failure is not None:
+                future.set_exception(EngineStopped(self.failure))
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, not swallowed
+                future.set_exception(exc)
 
-        self._commands.put(command)
+        if self.failure is not None:
+            future.set_exception(EngineStopped(self.failure))
+        else:
+            self._commands.put(command)
         return future
 
     async def on_thread(self, fn: Callable[[], Any]) -> Any:
@@ -149,10 +174,14 @@ class BatchEngine:
         return await asyncio.wrap_future(self.call(fn))
 
     def submit(self, job: Job) -> None:
+        if self.failure is not None:
+            job.emit(Failed(EngineStopped(self.failure)))
+            return
         self._commands.put(lambda: self._admit(job))
 
     def cancel(self, request_id: str) -> None:
-        """Remove a job from the batch at once (its client went away or hit a stop string)."""
+        """Remove a job from the batch or the queue at once (its client went away or hit a
+        stop string)."""
         self._commands.put(lambda: self._cancel(request_id))
 
     def shutdown(self) -> None:
@@ -163,6 +192,10 @@ class BatchEngine:
     @property
     def active_jobs(self) -> int:
         return len(self._jobs)
+
+    @property
+    def queued_jobs(self) -> int:
+        return len(self._pending)
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -176,25 +209,33 @@ class BatchEngine:
 
     def detach(self) -> None:
         """Drop the BatchGenerator and every reference to the model (engine thread only)."""
-        if self._jobs:
-            raise RuntimeError(f"{len(self._jobs)} jobs still running")
+        if self._jobs or self._pending:
+            raise RuntimeError(f"{len(self._jobs) + len(self._pending)} jobs still running")
         if self._generator is not None:
             self._generator.close()
         self._generator = None
         self._loaded = None
-        self._shared = LRUPromptCache(max_size=self._shared.max_size)
+        self._shared = LRUPromptCache(*self._shared_limits)
+        self.store.unreserve(SHARED_PREFIX)
 
     def _run(self) -> None:
-        while not self._stopping:
-            busy = bool(self._jobs)
-            try:
-                self._execute(self._commands.get(block=not busy))
-                while True:  # drain what else arrived before stepping again
-                    self._execute(self._commands.get_nowait())
-            except queue.Empty:
-                pass
-            if self._jobs and not self._stopping:
-                self._step()
+        try:
+            while not self._stopping:
+                busy = bool(self._jobs)
+                try:
+                    self._execute(self._commands.get(block=not busy))
+                    while True:  # drain what else arrived before stepping again
+                        self._execute(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if self._jobs and not self._stopping:
+                    self._step()
+        except BaseException as exc:  # the thread is dying: say so, fail everyone at once
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("the engine thread stopped", exc_info=exc)
+            self._fail_all(EngineStopped(self.failure))
+            while not self._stopping:  # answer what still arrives, run nothing
+                self._execute(self._commands.get())
 
     def _execute(self, command: Callable[[], None]) -> None:
         """Run one command; a failing command is logged, never the end of the thread."""
@@ -203,10 +244,15 @@ class BatchEngine:
         except Exception:
             log.exception("engine command failed")
 
-    def _stop(self) -> None:
-        for job in list(self._jobs.values()):
-            job.emit(Failed(RuntimeError("the server is shutting down")))
+    def _fail_all(self, error: Exception) -> None:
+        for job in [*self._jobs.values(), *self._pending]:
+            job.emit(Failed(error))
         self._jobs.clear()
+        self._uids.clear()
+        self._pending.clear()
+
+    def _stop(self) -> None:
+        self._fail_all(RuntimeError("the server is shutting down"))
         self._stopping = True
 
     def _take_cache(self, job: Job) -> tuple[list[Any] | None, int]:
@@ -223,18 +269,37 @@ class BatchEngine:
         return fit_cache(layers, tokens, job.prompt)
 
     def _admit(self, job: Job) -> None:
+        if self.failure is not None:
+            job.emit(Failed(EngineStopped(self.failure)))
+            return
         if self._generator is None or self._loaded is None:
             job.emit(Failed(RuntimeError("no model is loaded")))
             return
+        self._pending.append(job)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start waiting jobs, in order, while a batch slot is free and the KV budget has
+        room for them (a job that fits nowhere runs once nothing else does)."""
+        while self._pending and len(self._jobs) < self.max_batch:
+            job = self._pending[0]
+            if self._jobs and not self.store.fits(len(job.prompt) + job.max_tokens):
+                return
+            self._pending.popleft()
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
         cache, cached = None, 0
         try:
             sampler = _make_sampler(job.sampling)
-            cache, cached = self._take_cache(job)
+            cache, cached = self._take_cache(job)  # the agent's own blocks leave the pool
+            self.store.reserve(job.request_id, len(job.prompt) + job.max_tokens)
             (uid,) = self._generator.insert(
                 [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
                 all_tokens=[job.prompt[:cached]], samplers=[sampler])
         except Exception as exc:  # a bad job must not take the engine or its cache down
             log.exception("could not admit request %s", job.request_id)
+            self.store.unreserve(job.request_id)
             if cache is not None:
                 self._checkin(job, cache, job.prompt[:cached])
             job.emit(Failed(exc))
@@ -244,16 +309,26 @@ class BatchEngine:
         job.emit(Started(cached))
 
     def _cancel(self, request_id: str) -> None:
+        waiting = next((job for job in self._pending if job.request_id == request_id), None)
+        if waiting is not None:  # never started: it holds no cache and no reservation
+            self._pending.remove(waiting)
+            waiting.emit(Finished(FinishReason.CANCELLED))
+            return
         uid = self._uids.get(request_id)
         if uid is None or self._generator is None:
             return
-        for cache, tokens in self._generator.remove([uid], return_prompt_caches=True).values():
-            self._checkin(self._jobs[uid], cache, tokens)
+        job = self._jobs[uid]
+        removed = self._generator.remove([uid], return_prompt_caches=True)
+        self.store.unreserve(job.request_id)
+        for cache, tokens in removed.values():
+            self._checkin(job, cache, tokens)
         self._finish(uid, Finished(FinishReason.CANCELLED))
+        self._schedule()
 
     def _finish(self, uid: int, event: Event) -> None:
         job = self._jobs.pop(uid)
         self._uids.pop(job.request_id, None)
+        self.store.unreserve(job.request_id)
         job.emit(event)
 
     def _checkin(self, job: Job, cache: list[Any], tokens: list[int]) -> None:
@@ -262,6 +337,7 @@ class BatchEngine:
             return
         if job.agent_id is None:
             self._shared.insert_cache(self._loaded.model_id, tokens, cache)
+            self.store.reserve_bytes(SHARED_PREFIX, self._shared.nbytes)
         else:
             self.store.checkin(AgentCache(job.agent_id, cache, tokens))
 
@@ -273,6 +349,7 @@ class BatchEngine:
             for uid in list(self._jobs):
                 self._finish(uid, Failed(exc))
             self.attach(self._loaded)
+            self._schedule()
             return
         for response in responses:
             job = self._jobs.get(response.uid)
@@ -285,9 +362,11 @@ class BatchEngine:
                 reason = FinishReason(response.finish_reason)
                 if reason is FinishReason.LENGTH:
                     job.emit(TokenOut(response.token))  # a stop token is not part of the text
+                self.store.unreserve(job.request_id)
                 self._checkin(job, response.prompt_cache, response.all_tokens)
                 self._finish(response.uid, Finished(reason))
             except Exception as exc:  # fail this job only
                 log.exception("could not finish request %s", job.request_id)
                 if response.uid in self._jobs:
                     self._finish(response.uid, Failed(exc))
+        self._schedule()

@@ -17,6 +17,10 @@ from enum import StrEnum
 from semantic_server.errors import ServerBusy, ServiceDegraded
 
 log = logging.getLogger(__name__)
+# What anyone may read about a degraded server; the reason itself (exception text, paths)
+# is for the admin API and the logs.
+DEGRADED_PUBLIC = ("no model is serving: a swap failed and so did its rollback; an operator "
+                   "must swap to a working model (details in the admin API)")
 
 
 class ServerState(StrEnum):
@@ -73,7 +77,7 @@ class AdmissionGate:
             finally:
                 self.held -= 1
         if self.state is ServerState.DEGRADED:
-            raise ServiceDegraded(self.degraded_reason)
+            raise ServiceDegraded(DEGRADED_PUBLIC)
         self.in_flight += 1
         self._idle.clear()
         try:

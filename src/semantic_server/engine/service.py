@@ -33,11 +33,14 @@ from semantic_server.engine.jobs import (
     TokenOut,
 )
 from semantic_server.errors import (
+    AgentBusy,
     ContextLengthExceeded,
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
     ModelNotLoaded,
+    QueueFull,
+    ServiceDegraded,
 )
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.observability import hash_agent
@@ -157,16 +160,66 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         raise InvalidRequest(f"the loaded model cannot format these messages: {exc}") from exc
 
 
+async def acquire_within(lock: asyncio.Lock, timeout: float) -> bool:
+    """Acquire ``lock`` unless ``timeout`` passes first. Never leaves the lock taken when
+    it gives up or is cancelled (``asyncio.wait_for`` can, on Python 3.11, when the lock
+    comes free just as the time runs out)."""
+    acquiring = asyncio.ensure_future(lock.acquire())
+    try:
+        await asyncio.wait([acquiring], timeout=timeout)
+    except BaseException:  # cancelled while waiting
+        if acquiring.done() and not acquiring.cancelled():
+            lock.release()
+        acquiring.cancel()
+        raise
+    if not acquiring.done():
+        acquiring.cancel()
+        await asyncio.wait([acquiring])  # cancelled, or acquired just before: either is fine
+    return not acquiring.cancelled()
+
+
+ENGINE_STOPPED_PUBLIC = "the engine stopped; the server must be restarted"
+
+
 class GenerationService:
     def __init__(self, engine: BatchEngine, gate: AdmissionGate, catalog: ModelCatalog,
-                 observer: Observer, max_context_tokens: int) -> None:
+                 observer: Observer, max_context_tokens: int, max_queued: int = 64) -> None:
         self.engine = engine
         self.gate = gate
         self.catalog = catalog
         self.observer = observer
         self.max_context_tokens = max_context_tokens
+        self.max_queued = max_queued
+        self.queued = 0  # submitted to the engine, not yet started there
         self._agent_locks: dict[str, _AgentLock] = {}
         self._ids = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Requests that wait: held by a swap or an agent's lock, or queued in the engine."""
+        return self.gate.held + self.queued
+
+    def _check_capacity(self) -> None:
+        """Refuse at once what cannot run: a stopped engine, a full waiting line."""
+        if self.engine.failure is not None:
+            raise ServiceDegraded(ENGINE_STOPPED_PUBLIC)
+        if self.waiting >= self.max_queued:
+            raise QueueFull(f"{self.waiting} requests are already waiting; retry shortly",
+                            retry_after=1)
+
+    async def _agent_turn(self, users: _AgentLock) -> None:
+        """Wait for the agent's previous request to end: a held request, within the hold."""
+        if not users.lock.locked():
+            await users.lock.acquire()
+            return
+        self.gate.held += 1
+        try:
+            acquired = await acquire_within(users.lock, self.gate.hold_seconds)
+        finally:
+            self.gate.held -= 1
+        if not acquired:
+            raise AgentBusy("another request of this agent is still running; retry when it "
+                            "ends", retry_after=max(1, round(self.gate.hold_seconds)))
 
     def _context_limit(self, config: dict[str, Any]) -> int:
         model_limit = config.get("max_position_embeddings") or self.max_context_tokens
@@ -196,6 +249,7 @@ class GenerationService:
         ``request_id`` labels the request's log line.
         """
         self._check_exists(model_id)
+        self._check_capacity()
         run = self._run(agent_id, messages, params, model_id, request_id)
         if agent_id is None:
             async with self.gate.admit(), aclosing(run):
@@ -206,9 +260,13 @@ class GenerationService:
         users = self._agent_locks.setdefault(agent_id, _AgentLock())
         users.count += 1
         try:
-            async with users.lock, self.gate.admit(), aclosing(run):
-                async for item in run:
-                    yield item
+            await self._agent_turn(users)
+            try:
+                async with self.gate.admit(), aclosing(run):
+                    async for item in run:
+                        yield item
+            finally:
+                users.lock.release()
         finally:
             users.count -= 1
             if users.count == 0:
@@ -235,12 +293,17 @@ class GenerationService:
         self.engine.submit(Job(
             job_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
             params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)))
+        self.queued += 1
+        started = False
         detokenizer = loaded.tokenizer.detokenizer
         stops = StopStrings(params.stop)
         ended = False
         try:
             while True:
                 event = await events.get()
+                if not started:  # whatever the first event, the job left the engine's queue
+                    started = True
+                    self.queued -= 1
                 if isinstance(event, Started):
                     outcome.cached_tokens = event.cached_tokens
                     yield Admitted(loaded.model_id, len(prompt), event.cached_tokens)
@@ -267,6 +330,8 @@ class GenerationService:
                     ended = True
                     raise GenerationFailed("generation failed") from event.error
         finally:
+            if not started:
+                self.queued -= 1
             if not ended:
                 self.engine.cancel(job_id)
 

@@ -121,7 +121,7 @@ class ModelSwapOrchestrator:
         self.observer = observer
         self.block_tokens = block_tokens
         self.history: deque[SwapResult] = deque(maxlen=history)
-        self._lock = asyncio.Lock()
+        self._running: asyncio.Task | None = None
 
     def preflight(self, model_id: str) -> None:
         """Refuse a target that cannot work before anything stops (404 / 422)."""
@@ -148,16 +148,27 @@ class ModelSwapOrchestrator:
 
     async def swap(self, model_id: str, timeout_seconds: float = 60.0) -> SwapResult:
         """Swap to ``model_id``; every swap that passed its preflight ends in history and
-        metrics with its outcome, whatever that is."""
-        if self._lock.locked():
+        metrics with its outcome, whatever that is.
+
+        A swap runs in a task of its own: once begun it finishes even if its caller is
+        cancelled (an admin client that disconnects), since stopping between two steps
+        would leave the server half swapped. One swap at a time: a second is refused.
+        """
+        if self._running is not None:
             raise SwapInProgress("another swap is in progress")
-        async with self._lock:
+        self._running = asyncio.create_task(self._swap_once(model_id, timeout_seconds))
+        return await asyncio.shield(self._running)
+
+    async def _swap_once(self, model_id: str, timeout_seconds: float) -> SwapResult:
+        try:
             # Resolving may read files or download a hub repo: not on the event loop.
             await asyncio.to_thread(self.preflight, model_id)
             result = await self._swap(model_id, timeout_seconds)
             self.history.append(result)
             self.observer.swap_finished(result)
             return result
+        finally:
+            self._running = None
 
     async def _timed(self, steps: list[StepTiming], name: SwapStep,
                      step: Callable[[], Awaitable[Any]]) -> Any:

@@ -1,0 +1,150 @@
+"""Bad clients and faults, in process: clients that leave or stop reading, agents that
+queue behind themselves, too many waiting requests, a KV budget shared with running
+requests, an engine thread that dies, a swap whose caller goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from semantic_server.api.client_watch import ClientWatchMiddleware
+from semantic_server.engine.batch_engine import EngineStopped
+from semantic_server.engine.gate import ServerState
+from semantic_server.errors import AgentBusy, QueueFull, ServiceDegraded
+from semantic_server.swap.orchestrator import SwapOutcome
+from tests.fakes import DIMS, run_turn
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def _asgi_call(app, receive, send) -> None:
+    middleware = ClientWatchMiddleware(app, send_timeout=0.05)
+    await middleware({"type": "http", "path": "/v1/chat/completions"}, receive, send)
+
+
+async def test_a_client_that_disconnects_cancels_its_request_at_once():
+    cancelled = asyncio.Event()
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    left = asyncio.Event()
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def app(scope, receive, send):  # a request held or computing, no byte sent yet
+        await receive()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    call = asyncio.create_task(_asgi_call(app, receive, lambda message: None))
+    await asyncio.sleep(0.01)
+    assert not cancelled.is_set()
+    left.set()
+    await asyncio.wait_for(call, 5)
+    assert cancelled.is_set()
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout():
+    cancelled = asyncio.Event()
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # never disconnects, never reads
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # the socket's buffer is full
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"data: x\n\n",
+                            "more_body": True})
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    await asyncio.wait_for(_asgi_call(app, receive, send), 5)
+    assert cancelled.is_set()
+
+
+async def test_a_request_that_waits_for_its_agent_is_held_and_gives_up(start, fake_models):
+    server = await start(swap_hold_seconds=0.2)
+    fake_models["fake-a"].step_gate = threading.Event()
+    first = asyncio.create_task(run_turn(server.service, "twin", "first"))
+    await wait_until(lambda: server.snapshot().active_sequences == 1)
+    second = asyncio.create_task(run_turn(server.service, "twin", "second"))
+    await wait_until(lambda: server.snapshot().held == 1)
+    with pytest.raises(AgentBusy) as busy:
+        await second
+    assert busy.value.retry_after >= 1 and server.snapshot().held == 0
+    fake_models["fake-a"].step_gate.set()
+    assert (await first).text == "Hello from A."
+
+
+async def test_waiting_requests_are_bounded(start, fake_models):
+    server = await start(max_batch=1, max_queued=2)
+    fake_models["fake-a"].step_gate = threading.Event()
+    running = [asyncio.create_task(run_turn(server.service, f"q{i}", "hi")) for i in range(3)]
+    await wait_until(lambda: server.service.queued == 2)  # one runs, two wait their turn
+    with pytest.raises(QueueFull) as full:
+        await run_turn(server.service, "q3", "hi")
+    assert full.value.retry_after >= 1
+    fake_models["fake-a"].step_gate.set()
+    assert [r.text for r in await asyncio.gather(*running)] == ["Hello from A."] * 3
+    assert server.service.queued == 0
+
+
+async def test_running_requests_reserve_kv_and_wait_for_room(start, fake_models):
+    # A budget of 8 blocks of 16 tokens: one request (its prompt plus max_tokens) takes
+    # most of it, so a second waits in the engine's queue until the first ends.
+    server = await start(kv_budget_bytes=8 * 16 * DIMS.bytes_per_token, block_tokens=16)
+    pool = server.pool
+    assert pool.capacity == 8
+    fake_models["fake-a"].step_gate = threading.Event()
+    first = asyncio.create_task(run_turn(server.service, "big-1", "hi", max_tokens=60))
+    second = asyncio.create_task(run_turn(server.service, "big-2", "hi", max_tokens=60))
+    await wait_until(lambda: server.snapshot().queued == 1)  # the second waits for room
+    assert server.snapshot().active_sequences == 1
+    assert pool.used + pool.reserved <= pool.capacity
+    fake_models["fake-a"].step_gate.set()
+    await asyncio.gather(first, second)
+    assert pool.reserved == 0 and pool.used <= pool.capacity
+
+
+async def test_an_engine_thread_that_dies_degrades_the_server_at_once(server, fake_models):
+    # The fault is injected (a BaseException from the fake generator's step), since no real
+    # input makes the engine thread die; the fake stands in for the model only.
+    fake_models["fake-a"].step_fault = SystemExit("injected fault")
+    with pytest.raises(Exception, match="generation failed"):
+        await run_turn(server.service, "victim", "hi")
+    snapshot = server.snapshot()
+    assert snapshot.state is ServerState.DEGRADED and "injected fault" in snapshot.reason
+    assert "injected" not in snapshot.public_reason
+    with pytest.raises(ServiceDegraded):
+        await run_turn(server.service, "next", "hi")
+    with pytest.raises(EngineStopped):
+        await server.engine.on_thread(lambda: None)  # no command hangs either
+
+
+async def test_a_swap_whose_caller_leaves_still_finishes(server, fake_models):
+    fake_models["fake-b"].load_gate = threading.Event()
+    caller = asyncio.create_task(server.orchestrator.swap("fake-b"))
+    await wait_until(lambda: fake_models["fake-b"].loads == 1)
+    caller.cancel()  # the admin client disconnected mid-swap
+    fake_models["fake-b"].load_gate.set()
+    await wait_until(lambda: server.orchestrator.history)
+    assert server.orchestrator.history[-1].status is SwapOutcome.SUCCESS
+    assert server.gate.state is ServerState.READY and server.snapshot().model_id == "fake-b"
