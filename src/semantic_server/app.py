@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from semantic_server.api import admin_routes, anthropic_routes, openai_routes, ops_routes
 from semantic_server.api.client_watch import ClientWatchMiddleware
 from semantic_server.api.errors import handle_any, handle_http
+from semantic_server.api.guard import GuardMiddleware
 from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
@@ -154,6 +155,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         },
     )
     app.add_middleware(ClientWatchMiddleware, send_timeout=settings.send_timeout_seconds)
+    app.add_middleware(GuardMiddleware, bound_host=settings.host,
+                       api_keys=[key.get_secret_value() for key in settings.api_keys])
     app.add_middleware(RequestIdMiddleware)  # added last: the outermost, so ids reach logs
     return app
 

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         None, gt=0, description="Disk budget of cold caches, the oldest deleted first to make "
         "room; default half the free space of the cache folder's disk at startup.")
 
+    # Access
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="JSON list of API keys; when set, /v1 requests need one (Authorization: "
+        "Bearer <key>, or x-api-key) and each key's agents are its own.")
+
     # Admin and swaps
     admin_key: SecretStr | None = Field(
         None, description="X-Admin-Key for /admin; unset turns the admin API off (403).")

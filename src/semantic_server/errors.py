@@ -91,5 +91,17 @@ class Unauthorized(SemanticServerError):
     """The X-Admin-Key header is missing or wrong."""
 
 
+class InvalidApiKey(SemanticServerError):
+    """API keys are configured and the request carries none of them."""
+
+
+class HostNotAllowed(SemanticServerError):
+    """A server bound to loopback got a request for another host (DNS rebinding)."""
+
+
+class UnsupportedMediaType(SemanticServerError):
+    """A POST whose body is not declared as JSON (a web page's form post, say)."""
+
+
 class CacheWriteError(SemanticServerError):
     """Agent caches could not be written to disk (a full disk); they are still in memory."""

@@ -5,6 +5,7 @@ state reads the same snapshot."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 
@@ -18,18 +19,28 @@ from tests.fakes import FakeGenerator, FakeRegistry, fake_settings, write_model_
 from tests.polling import wait_for
 
 KEY = "fast-key"
+LOCAL = "http://127.0.0.1:8000"
 ADMIN = {"X-Admin-Key": KEY}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
 
 
 @pytest.fixture
-def client(tmp_path, fake_models):
+def make_client(tmp_path, fake_models):
+    """A TestClient of the real app over fake models, with any settings."""
     write_model_dirs(tmp_path / "models", list(fake_models))
-    registry = FakeRegistry(ModelCatalog(tmp_path / "models"), fake_models)
-    app = create_app(fake_settings(tmp_path, admin_key=KEY), registry=registry,
-                     make_generator=FakeGenerator.factory)
-    with TestClient(app) as client:
-        yield client
+    with contextlib.ExitStack() as clients:
+        def make(**settings) -> TestClient:
+            registry = FakeRegistry(ModelCatalog(tmp_path / "models"), fake_models)
+            app = create_app(fake_settings(tmp_path, admin_key=KEY, **settings),
+                             registry=registry, make_generator=FakeGenerator.factory)
+            return clients.enter_context(TestClient(app, base_url=LOCAL))
+
+        yield make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
 
 
 def _metrics(client) -> dict[tuple, float]:
@@ -123,3 +134,61 @@ def test_swap_outcomes_map_to_statuses_and_are_all_recorded(client, fake_models)
 def test_admin_needs_its_key(client):
     assert client.get("/admin/models/current").status_code == 401
     assert client.get("/admin/swaps", headers={"X-Admin-Key": "wrong"}).status_code == 401
+
+
+def test_a_page_on_another_host_or_a_form_post_is_refused(client):
+    rebound = client.post("/v1/chat/completions", json=CHAT,
+                          headers={"Host": "attacker.example:8000"})
+    assert rebound.status_code == 403
+    assert rebound.json()["error"]["code"] == "host_not_allowed"
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert client.post("/v1/chat/completions", json=CHAT,
+                           headers={"Host": host}).status_code == 200, host
+    form = client.post("/v1/chat/completions", content=b"messages=hi",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415
+    plain = client.post("/v1/messages", content=json.dumps({**CHAT, "max_tokens": 4}),
+                        headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415 and plain.json()["type"] == "error"
+
+
+def test_api_keys_namespace_agents_and_prefixes(make_client):
+    client = make_client(api_keys=["key-a", "key-b"])
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+    wrong = client.post("/v1/messages", json={**CHAT, "max_tokens": 4},
+                        headers={"x-api-key": "nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert client.get("/health").status_code == 200  # operations stay open
+
+    def turn(key, agent, messages):
+        headers = {"Authorization": f"Bearer {key}"} | ({"X-Agent-ID": agent} if agent else {})
+        reply = client.post("/v1/chat/completions", json={**CHAT, "messages": messages},
+                            headers=headers)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    history = [{"role": "user", "content": "My secret is 42."}]
+    first = turn("key-a", "shared-name", history)
+    history += [first["choices"][0]["message"], {"role": "user", "content": "Secret?"}]
+    assert turn("key-a", "shared-name", history)["usage"]["prompt_tokens_details"][
+        "cached_tokens"] > 0
+    # the same agent id under another key is another agent: nothing of A's is reused
+    assert turn("key-b", "shared-name", history)["usage"]["prompt_tokens_details"][
+        "cached_tokens"] == 0
+    turn("key-a", None, history)  # anonymous prefixes are per tenant too
+    assert turn("key-b", None, history)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert turn("key-a", None, history)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {**CHAT, "stop": "x" * 257}, "stop"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["ok", "y" * 300]}, "stop"),
+    ("/v1/messages", {**CHAT, "max_tokens": 4, "stop_sequences": ["z" * 257]},
+     "stop_sequences"),
+])
+def test_long_stop_strings_are_refused(client, path, body, param):
+    response = client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    if path == "/v1/chat/completions":
+        assert response.json()["error"]["param"] == param
+    assert "256" in response.text

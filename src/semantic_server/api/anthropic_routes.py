@@ -26,6 +26,7 @@ from semantic_server.api.turn import (
     collect,
     read_json,
     relay,
+    tenant_of,
     wait_admitted,
 )
 from semantic_server.engine.jobs import FinishReason, SamplingParams
@@ -56,7 +57,7 @@ async def messages(request: Request) -> Response:
                               sampling=SamplingParams(chat.temperature, chat.top_p),
                               stop=tuple(chat.stop_sequences or ()))
     items = server.service.generate(agent, chat.template_messages(), params, chat.model,
-                                    request_id_of(request))
+                                    request_id_of(request), tenant_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"
     admitted = await wait_admitted(items)
     if not chat.stream:

@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.InvalidRequest: (400, "invalid_request_error", "invalid_request"),
     e.Unauthorized: (401, "authentication_error", "invalid_admin_key"),
+    e.InvalidApiKey: (401, "authentication_error", "invalid_api_key"),
     e.AdminDisabled: (403, "permission_error", "admin_disabled"),
+    e.HostNotAllowed: (403, "permission_error", "host_not_allowed"),
     e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     e.ModelNotLoaded: (409, "invalid_request_error", "model_not_loaded"),
     e.SwapInProgress: (409, "invalid_request_error", "swap_in_progress"),
     e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
+    e.UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
     e.AgentBusy: (409, "invalid_request_error", "agent_busy"),
@@ -102,12 +105,17 @@ async def handle_http(request: Request, exc: HTTPException) -> JSONResponse:
     return anthropic_shaped(response) if request.url.path in ANTHROPIC_PATHS else response
 
 
-async def handle_any(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette exception handler: every error leaves as JSON in the caller's API shape."""
+def error_for_path(path: str, exc: Exception, request_id: str | None = None) -> JSONResponse:
+    """The error response for a request to ``path``, in that API's shape, and its log line."""
     response = from_validation(exc) if isinstance(exc, ValidationError) else from_exception(exc)
-    if request.url.path in ANTHROPIC_PATHS:
+    if path in ANTHROPIC_PATHS:
         response = anthropic_shaped(response)
     log.info("request", extra={"fields": {
-        "request_id": request_id_of(request), "path": request.url.path,
-        "status": response.status_code, "error": type(exc).__name__}})
+        "request_id": request_id, "path": path, "status": response.status_code,
+        "error": type(exc).__name__}})
     return response
+
+
+async def handle_any(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette exception handler: every error leaves as JSON in the caller's API shape."""
+    return error_for_path(request.url.path, exc, request_id_of(request))

@@ -22,6 +22,7 @@ from semantic_server.api.turn import (
     collect,
     read_json,
     relay,
+    tenant_of,
     wait_admitted,
 )
 from semantic_server.engine.jobs import SamplingParams
@@ -48,7 +49,8 @@ async def chat_completions(request: Request) -> Response:
         stop=chat.stop_strings(),
     )
     messages = [m.as_template_message() for m in chat.messages]
-    items = server.service.generate(agent, messages, params, chat.model, request_id_of(request))
+    items = server.service.generate(agent, messages, params, chat.model, request_id_of(request),
+                                    tenant_of(request))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     admitted = await wait_admitted(items)

@@ -40,8 +40,15 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
+def tenant_of(request: Request) -> str | None:
+    """The request's tenant: the name of its API key, when API keys are configured."""
+    return getattr(request.state, "tenant", None)
+
+
 def agent_id_of(request: Request, body: dict[str, Any]) -> str | None:
-    """Agent identity: X-Agent-ID, X-Session-ID, body session_id, body user; else anonymous."""
+    """Agent identity: X-Agent-ID, X-Session-ID, body session_id, body user; else anonymous.
+    With API keys, the id is namespaced by the key's tenant ("<tenant>/<agent>"; a client's
+    own ids cannot contain "/"), so tenants never share an agent."""
     candidates = (request.headers.get("x-agent-id"), request.headers.get("x-session-id"),
                   body.get("session_id"), body.get("user"))
     agent = next((c for c in candidates if c is not None), None)
@@ -50,7 +57,8 @@ def agent_id_of(request: Request, body: dict[str, Any]) -> str | None:
     if not isinstance(agent, str) or not SAFE_ID.fullmatch(agent):
         raise InvalidRequest("an agent id is 1-128 characters of A-Z a-z 0-9 . _ : @ -",
                              param="agent_id", code="invalid_agent_id")
-    return agent
+    tenant = tenant_of(request)
+    return f"{tenant}/{agent}" if tenant else agent
 
 
 def capped_max_tokens(request: Request, requested: int | None) -> int:

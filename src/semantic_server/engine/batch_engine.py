@@ -255,11 +255,15 @@ class BatchEngine:
         self._fail_all(RuntimeError("the server is shutting down"))
         self._stopping = True
 
+    def _shared_key(self, job: Job) -> tuple[str, str | None]:
+        """Anonymous requests share prefixes per model and tenant, never across tenants."""
+        return self._loaded.model_id, job.namespace
+
     def _take_cache(self, job: Job) -> tuple[list[Any] | None, int]:
         """The job's cache (its agent's, or the shared prefix cache's for an anonymous job)
         cut to what its prompt reuses."""
         if job.agent_id is None:
-            layers, rest = self._shared.fetch_nearest_cache(self._loaded.model_id, job.prompt)
+            layers, rest = self._shared.fetch_nearest_cache(self._shared_key(job), job.prompt)
             tokens = job.prompt[: len(job.prompt) - len(rest)]
         else:
             entry = self.store.checkout(job.agent_id)
@@ -336,7 +340,7 @@ class BatchEngine:
         if not tokens:  # cancelled before any prefill: nothing worth keeping
             return
         if job.agent_id is None:
-            self._shared.insert_cache(self._loaded.model_id, tokens, cache)
+            self._shared.insert_cache(self._shared_key(job), tokens, cache)
             self.store.reserve_bytes(SHARED_PREFIX, self._shared.nbytes)
         else:
             self.store.checkin(AgentCache(job.agent_id, cache, tokens))

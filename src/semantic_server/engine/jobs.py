@@ -61,3 +61,4 @@ class Job:
     max_tokens: int
     sampling: SamplingParams
     emit: Callable[[Event], None]
+    namespace: str | None = None  # the tenant whose anonymous prefix cache it may use

@@ -239,18 +239,19 @@ class GenerationService:
 
     async def generate(self, agent_id: str | None, messages: list[dict[str, str]],
                        params: GenerationParams, model_id: str | None = None,
-                       request_id: str | None = None,
+                       request_id: str | None = None, tenant: str | None = None,
                        ) -> AsyncIterator[Admitted | str | Outcome]:
         """One ``Admitted``, text deltas, then one ``Outcome``. Closing the iterator early
         cancels the job. Refusals (unknown model, busy, too long) raise before ``Admitted``.
 
         ``model_id``, when the request named one, must be the model loaded once the request
         is admitted: a request held through a swap never runs on a model it did not name.
-        ``request_id`` labels the request's log line.
+        ``request_id`` labels the request's log line; ``tenant`` keeps an anonymous
+        request to its own tenant's prefix cache.
         """
         self._check_exists(model_id)
         self._check_capacity()
-        run = self._run(agent_id, messages, params, model_id, request_id)
+        run = self._run(agent_id, messages, params, model_id, request_id, tenant)
         if agent_id is None:
             async with self.gate.admit(), aclosing(run):
                 async for item in run:
@@ -274,7 +275,7 @@ class GenerationService:
 
     async def _run(self, agent_id: str | None, messages: list[dict[str, str]],
                    params: GenerationParams, model_id: str | None, request_id: str | None,
-                   ) -> AsyncIterator[Admitted | str | Outcome]:
+                   tenant: str | None) -> AsyncIterator[Admitted | str | Outcome]:
         loaded = self.engine.loaded
         if loaded is None:
             raise GenerationFailed("no model is loaded")
@@ -292,7 +293,8 @@ class GenerationService:
         job_id = f"job-{next(self._ids)}"
         self.engine.submit(Job(
             job_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
-            params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)))
+            params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            tenant))
         self.queued += 1
         started = False
         detokenizer = loaded.tokenizer.detokenizer
