@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic_server.config import Settings
 from semantic_server.engine.service import Admitted, GenerationParams, GenerationService, Outcome
@@ -33,6 +33,12 @@ HEAD_DIM = 8
 CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
           "hidden_size": HEAD_DIM, "max_position_embeddings": 4096}
 DIMS = ModelDims(2, 1, HEAD_DIM, "float32", (LayerCache(LayerKind.GLOBAL),) * 2)
+
+
+def sliding_dims(window: int) -> ModelDims:
+    """A global layer and a sliding-window layer of ``window`` tokens (like Gemma 3)."""
+    return ModelDims(2, 1, HEAD_DIM, "float32",
+                     (LayerCache(LayerKind.GLOBAL), LayerCache(LayerKind.SLIDING, window)))
 
 
 class FakeDetokenizer:
@@ -72,6 +78,7 @@ class FakeModel:
     ``load_gate``: when set, a load waits until the event is set (a load that hangs).
     ``step_gate``: when set, decoding waits for it (requests stay in flight on purpose).
     ``step_fault``: raised by the next decoding step (a fault injected into the engine).
+    ``window``: its second layer slides over this many tokens (its cache can wrap).
     """
 
     reply: str = "Hello!"
@@ -79,8 +86,18 @@ class FakeModel:
     load_gate: threading.Event | None = None
     step_gate: threading.Event | None = None
     step_fault: BaseException | None = None
+    window: int | None = None
     loads: int = 0
     unloads: int = 0
+
+    @property
+    def dims(self) -> ModelDims:
+        return sliding_dims(self.window) if self.window else DIMS
+
+    def make_cache(self) -> list[Any]:
+        if self.window:
+            return [KVCache(), RotatingKVCache(max_size=self.window)]
+        return [KVCache() for _ in range(DIMS.n_layers)]
 
 
 class FakeRegistry:
@@ -110,7 +127,7 @@ class FakeRegistry:
             raise ModelLoadError("warm-up produced non-finite logits")
         snapshot = MemorySnapshot(0, 0, 0)
         self.current = LoadedModel(model_id, path, spec, FakeTokenizer(), dict(CONFIG),
-                                   ModelTag(model_id, f"fp-{model_id}", DIMS),
+                                   ModelTag(model_id, f"fp-{model_id}", spec.dims),
                                    LoadStats(0.0, snapshot, snapshot))
         return self.current
 
@@ -162,6 +179,13 @@ class _Sequence:
 
 
 @dataclass
+class FakePromptResponse:
+    uid: int
+    end_of_segment: bool
+    end_of_prompt: bool
+
+
+@dataclass
 class FakeResponse:
     uid: int
     token: int
@@ -193,7 +217,7 @@ class FakeGenerator:
             if not prompt:
                 raise ValueError("empty prompt")
             uid, self.next_uid = self.next_uid, self.next_uid + 1
-            layers = cache if cache is not None else [KVCache() for _ in range(DIMS.n_layers)]
+            layers = cache if cache is not None else self.model.make_cache()
             self.sequences[uid] = _Sequence(uid, list(prompt), limit, layers, list(tokens))
             uids.append(uid)
         return uids
@@ -209,8 +233,14 @@ class FakeGenerator:
         gate = self.model.step_gate
         if gate is not None and not gate.wait(timeout=0.01):
             return [], []  # held on purpose: the engine tries again (a wait, not a spin)
-        responses = []
+        prompt_responses, responses = [], []
         for seq in list(self.sequences.values()):
+            if not seq.prefilled and len(seq.prompt) > 1:  # the first segment: all but one
+                append_tokens(seq.cache, seq.prompt[:-1])
+                seq.tokens += seq.prompt[:-1]
+                seq.prompt = seq.prompt[-1:]
+                prompt_responses.append(FakePromptResponse(seq.uid, True, False))
+                continue
             if not seq.prefilled:
                 append_tokens(seq.cache, seq.prompt)
                 seq.tokens += seq.prompt
@@ -228,7 +258,14 @@ class FakeGenerator:
                 continue
             del self.sequences[seq.uid]
             responses.append(FakeResponse(seq.uid, token, finish, seq.cache, seq.tokens))
-        return [], responses
+        return prompt_responses, responses
+
+    def extract_cache(self, uids: list[int]) -> dict[int, tuple[list[Any], list[int]]]:
+        """Copies of the sequences' caches, as mlx-lm's (contiguous copies) are."""
+        return {uid: ([type(layer).from_state(tuple(
+            mx.array(item) if isinstance(item, mx.array) else item for item in layer.state))
+            for layer in self.sequences[uid].cache], list(self.sequences[uid].tokens))
+            for uid in uids}
 
     def close(self) -> None:
         self.closed = True

@@ -8,6 +8,8 @@ import json
 import httpx
 import pytest
 
+from tests.polling import wait_for
+
 GREEDY = {"temperature": 0}
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -240,3 +242,20 @@ def test_bad_input_gets_a_clear_error(smol_server, name, body, headers, status, 
         model=smol_server.model, messages=FRANCE, max_tokens=2, **GREEDY
     )
     assert ok.choices[0].message.content
+
+
+def test_a_client_that_gives_up_frees_its_agent_at_once(smol_server):
+    # A non-streamed request of 400 tokens takes about 30 s here; the client leaves after
+    # 1 s. The server must notice and cancel the job (before, the agent's next request
+    # waited for all 400 tokens).
+    story = [{"role": "user", "content": "Write a very long story about a lighthouse."}]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{smol_server.url}/v1/chat/completions", timeout=1.0,
+                   headers={"X-Agent-ID": "quitter"},
+                   json={"messages": story, "max_tokens": 400, "temperature": 0})
+    wait_for(lambda: smol_server.health()["active_sequences"] == 0, timeout=10,
+             what="the abandoned job cancelled")
+    again = smol_server.client("quitter").chat.completions.create(
+        model=smol_server.model, messages=story, max_tokens=2, **GREEDY)
+    # its prompt had been prefilled before it was cancelled: the agent kept that cache
+    assert again.usage.prompt_tokens_details.cached_tokens > 0

@@ -67,7 +67,11 @@ def test_metrics_logs_and_request_ids(models_dir, tmp_path):
                for line in requests)
     assert {"prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "status"} <= \
         set(requests[0])
-    steps = [line["step"] for line in lines if line["event"] == "swap step"]
+    startup = [line["step"] for line in lines if line["event"] == "swap step"
+               and line["phase"] == "startup"]
+    assert startup == ["load", "reconfigure", "retag", "reinit"]
+    steps = [line["step"] for line in lines if line["event"] == "swap step"
+             and line["phase"] == "swap"]
     assert steps[:8] == ["drain", "evict", "shutdown", "unload", "load", "reconfigure",
                          "retag", "reinit"]
     assert any(line["event"] == "server state" and line.get("to") == "swapping"

@@ -49,9 +49,8 @@ def test_block_pool_counts_blocks_and_picks_lru_victims():
     assert pool.capacity == 10
     # 40 tokens: the global layer holds 40, the sliding one 16 -> 56 layer-tokens of 64 bytes
     assert pool.blocks_for(40) == 7
-    pool.allocate("a", 8)
-    pool.allocate("b", 8)
-    pool.allocate("c", 8)
+    for agent in ("a", "b", "c"):
+        pool.allocate(agent, pool.blocks_for(8))
     assert pool.used == 6 and pool.free == 4
     assert pool.victims_for(pool.blocks_for(20)) == ["a"]
     assert pool.victims_for(pool.blocks_for(10_000)) is None

@@ -126,3 +126,23 @@ async def test_anonymous_requests_share_a_prefix_cache(server):
 
 def _sample(server, name: str, **labels: str) -> float:
     return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_retried_turn_reuses_its_prompt_past_a_wrapped_window(start, fake_models):
+    # Like Gemma 3: a sliding layer of 16 tokens wraps during the first turn, so its cache
+    # cannot be cut back to the prompt; the checkpoint taken at the prompt's end can.
+    fake_models["fake-a"].window = 16
+    server = await start()
+    question = "a question much longer than the sliding window"
+    first = await run_turn(server.service, "retrier", question)
+    retry = await run_turn(server.service, "retrier", question)
+    assert retry.outcome.cached_tokens == first.outcome.prompt_tokens - 1
+    assert retry.text == first.text
+    # the next turn extends the reply as usual (the whole history was cached)
+    history = [{"role": "user", "content": question},
+               {"role": "assistant", "content": retry.text}]
+    follow = await run_turn(server.service, "retrier", "and?", history=history)
+    turn_one = FakeTokenizer().apply_chat_template(history, add_generation_prompt=False)
+    assert follow.outcome.cached_tokens == len(turn_one) - 1
+    hot = server.store.residency()
+    assert hot.hot_agents == 1 and server.pool.used <= server.pool.capacity

@@ -126,8 +126,13 @@ class AgentCacheStore:
         return entry
 
     def checkin(self, entry: AgentCache) -> None:
-        """Make ``entry`` hot again, evicting least recently used agents to fit it."""
-        victims = self.pool.victims_for(self.pool.blocks_for(len(entry.tokens)))
+        """Make ``entry`` hot again, evicting least recently used agents to fit it (its
+        checkpoint too, when it has one; if only the cache itself fits, the checkpoint goes)."""
+        need = self._blocks(entry)
+        if entry.checkpoint is not None and not self.pool.fits(need):
+            entry.checkpoint = None
+            need = self._blocks(entry)
+        victims = self.pool.victims_for(need)
         if victims is None:
             log.warning("a cache of %d tokens does not fit in the KV budget beside the "
                         "running requests: written to disk", len(entry.tokens))
@@ -136,7 +141,12 @@ class AgentCacheStore:
         for agent_id in victims:
             self._evict(agent_id)
         self._hot[entry.agent_id] = entry
-        self.pool.allocate(entry.agent_id, len(entry.tokens))
+        self.pool.allocate(entry.agent_id, need)
+
+    def _blocks(self, entry: AgentCache) -> int:
+        checkpoint = entry.checkpoint
+        return self.pool.blocks_for(len(entry.tokens)) + (
+            self.pool.blocks_for(len(checkpoint[1])) if checkpoint else 0)
 
     def fits(self, tokens: int) -> bool:
         """Whether a job of ``tokens`` fits beside what running jobs reserved."""
@@ -330,8 +340,10 @@ class AgentCacheStore:
 
     def residency(self) -> Residency:
         """Hot and cold counts and bytes; safe to call from another thread (copies first)."""
-        hot = [len(entry.tokens) for entry in list(self._hot.values())]
+        hot = [len(tokens) for entry in list(self._hot.values())
+               for tokens in (entry.tokens, entry.checkpoint[1] if entry.checkpoint else [])
+               if tokens]
         cold = [size for size, _ in list(self._cold.values())]
         dims = self.pool.dims
-        return Residency(len(hot), sum(dims.cache_bytes(n) for n in hot) if dims else 0,
+        return Residency(len(self._hot), sum(dims.cache_bytes(n) for n in hot) if dims else 0,
                          len(cold), sum(cold))

@@ -84,9 +84,9 @@ class BlockPool:
             free += blocks
         return victims
 
-    def allocate(self, agent_id: str, tokens: int) -> None:
-        """Hold blocks for ``agent_id`` as most recently used (caller made room first)."""
-        need = self.blocks_for(tokens)
+    def allocate(self, agent_id: str, need: int) -> None:
+        """Hold ``need`` blocks for ``agent_id`` as most recently used (the caller made
+        room first)."""
         self._held.pop(agent_id, None)
         if need > self.free:
             raise RuntimeError(f"{need} blocks do not fit in {self.free} free")

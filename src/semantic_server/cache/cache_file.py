@@ -87,12 +87,19 @@ class CacheTag:
 @dataclass
 class AgentCache:
     """One agent's cache: per-layer mlx-lm cache objects and the tokens they hold; ``tag``
-    is set on a cache read from a file (a hot cache's tag is its store's)."""
+    is set on a cache read from a file (a hot cache's tag is its store's).
+
+    ``checkpoint`` is the cache as it was at the end of the agent's last prompt (layers and
+    tokens), kept while hot when the cache itself cannot be cut back: a sliding-window
+    layer that has wrapped around cannot be trimmed, so without it a retried turn would
+    prefill everything again. It is not written to disk.
+    """
 
     agent_id: str
     layers: list[Any]
     tokens: list[int] = field(default_factory=list)
     tag: CacheTag | None = None
+    checkpoint: tuple[list[Any], list[int]] | None = None
 
 
 def agent_file_name(agent_id: str) -> str:

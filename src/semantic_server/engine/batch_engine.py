@@ -140,6 +140,8 @@ class BatchEngine:
         self._pending: deque[Job] = deque()  # submitted, waiting for a slot and KV room
         self._jobs: dict[int, Job] = {}  # generator uid -> running job
         self._uids: dict[str, int] = {}  # request id -> generator uid
+        # uid -> the cache at the end of the job's prompt (see AgentCache.checkpoint)
+        self._checkpoints: dict[int, tuple[list[Any], list[int]] | None] = {}
         self._stopping = False
         self.failure: str | None = None  # why the engine thread stopped, if it did
 
@@ -265,12 +267,28 @@ class BatchEngine:
         if job.agent_id is None:
             layers, rest = self._shared.fetch_nearest_cache(self._shared_key(job), job.prompt)
             tokens = job.prompt[: len(job.prompt) - len(rest)]
-        else:
-            entry = self.store.checkout(job.agent_id)
-            layers, tokens = (entry.layers, entry.tokens) if entry else (None, [])
-        if layers is None:
+            return fit_cache(layers, tokens, job.prompt) if layers is not None else (None, 0)
+        entry = self.store.checkout(job.agent_id)
+        if entry is None:
             return None, 0
-        return fit_cache(layers, tokens, job.prompt)
+        fitted, keep = fit_cache(entry.layers, entry.tokens, job.prompt)
+        if fitted is None and entry.checkpoint is not None:  # a wrapped window: go back to
+            fitted, keep = fit_cache(*entry.checkpoint, job.prompt)  # the prompt's end
+        return fitted, keep
+
+    def _reservation(self, job: Job, cached: int) -> int:
+        """Tokens of KV a job may hold while it runs: its prompt and max_tokens, and its
+        prompt once more when it keeps a checkpoint."""
+        checkpoint = len(job.prompt) if self._wants_checkpoint(job, cached) else 0
+        return len(job.prompt) + job.max_tokens + checkpoint
+
+    def _wants_checkpoint(self, job: Job, cached: int) -> bool:
+        """Keep the cache at the prompt's end when this job may wrap a sliding window, so
+        a retried turn (or one after a cut reply) can still reuse its prompt."""
+        windows = [layer.window for layer in self._loaded.dims.layers if layer.window]
+        return (job.agent_id is not None and bool(windows)
+                and len(job.prompt) - cached > 1
+                and len(job.prompt) + job.max_tokens > min(windows))
 
     def _admit(self, job: Job) -> None:
         if self.failure is not None:
@@ -287,7 +305,7 @@ class BatchEngine:
         room for them (a job that fits nowhere runs once nothing else does)."""
         while self._pending and len(self._jobs) < self.max_batch:
             job = self._pending[0]
-            if self._jobs and not self.store.fits(len(job.prompt) + job.max_tokens):
+            if self._jobs and not self.store.fits(self._reservation(job, cached=0)):
                 return
             self._pending.popleft()
             self._start(job)
@@ -297,7 +315,7 @@ class BatchEngine:
         try:
             sampler = _make_sampler(job.sampling)
             cache, cached = self._take_cache(job)  # the agent's own blocks leave the pool
-            self.store.reserve(job.request_id, len(job.prompt) + job.max_tokens)
+            self.store.reserve(job.request_id, self._reservation(job, cached))
             (uid,) = self._generator.insert(
                 [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
                 all_tokens=[job.prompt[:cached]], samplers=[sampler])
@@ -310,6 +328,8 @@ class BatchEngine:
             return
         self._jobs[uid] = job
         self._uids[job.request_id] = uid
+        if self._wants_checkpoint(job, cached):
+            self._checkpoints[uid] = None  # taken when the prompt's first segment ends
         job.emit(Started(cached))
 
     def _cancel(self, request_id: str) -> None:
@@ -325,17 +345,19 @@ class BatchEngine:
         removed = self._generator.remove([uid], return_prompt_caches=True)
         self.store.unreserve(job.request_id)
         for cache, tokens in removed.values():
-            self._checkin(job, cache, tokens)
+            self._checkin(job, cache, tokens, self._checkpoints.get(uid))
         self._finish(uid, Finished(FinishReason.CANCELLED))
         self._schedule()
 
     def _finish(self, uid: int, event: Event) -> None:
         job = self._jobs.pop(uid)
         self._uids.pop(job.request_id, None)
+        self._checkpoints.pop(uid, None)
         self.store.unreserve(job.request_id)
         job.emit(event)
 
-    def _checkin(self, job: Job, cache: list[Any], tokens: list[int]) -> None:
+    def _checkin(self, job: Job, cache: list[Any], tokens: list[int],
+                 checkpoint: tuple[list[Any], list[int]] | None = None) -> None:
         tokens = list(tokens)
         if not tokens:  # cancelled before any prefill: nothing worth keeping
             return
@@ -343,11 +365,20 @@ class BatchEngine:
             self._shared.insert_cache(self._shared_key(job), tokens, cache)
             self.store.reserve_bytes(SHARED_PREFIX, self._shared.nbytes)
         else:
-            self.store.checkin(AgentCache(job.agent_id, cache, tokens))
+            self.store.checkin(AgentCache(job.agent_id, cache, tokens, checkpoint=checkpoint))
+
+    def _take_checkpoints(self, prompt_responses: list[Any]) -> None:
+        """At the end of a prompt's first segment (everything but its last token), copy the
+        cache of the jobs that want a checkpoint."""
+        due = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt
+               and r.uid in self._checkpoints]
+        for uid, (cache, tokens) in self._generator.extract_cache(due).items() if due else ():
+            self._checkpoints[uid] = (cache, list(tokens))
 
     def _step(self) -> None:
         try:
-            _, responses = self._generator.next()
+            prompt_responses, responses = self._generator.next()
+            self._take_checkpoints(prompt_responses)
         except Exception as exc:
             log.exception("generation step failed; failing the batch")
             for uid in list(self._jobs):
@@ -367,7 +398,8 @@ class BatchEngine:
                 if reason is FinishReason.LENGTH:
                     job.emit(TokenOut(response.token))  # a stop token is not part of the text
                 self.store.unreserve(job.request_id)
-                self._checkin(job, response.prompt_cache, response.all_tokens)
+                self._checkin(job, response.prompt_cache, response.all_tokens,
+                              self._checkpoints.get(response.uid))
                 self._finish(response.uid, Finished(reason))
             except Exception as exc:  # fail this job only
                 log.exception("could not finish request %s", job.request_id)

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from semantic_server.observability import Observer
 
 log = logging.getLogger(__name__)
+Phase = Literal["startup", "swap", "rollback"]  # which bring-up a step's log line belongs to
 
 
 class SwapStep(StrEnum):
@@ -142,7 +143,7 @@ class ModelSwapOrchestrator:
     async def start(self, model_id: str) -> LoadedModel:
         """The server's first model: the bring-up steps of a swap, with nothing to undo."""
         try:
-            return await self._bring_up([], model_id)
+            return await self._bring_up([], model_id, "startup")
         except _StepFailed as failure:
             raise failure.__cause__ from None
 
@@ -171,34 +172,37 @@ class ModelSwapOrchestrator:
             self._running = None
 
     async def _timed(self, steps: list[StepTiming], name: SwapStep,
-                     step: Callable[[], Awaitable[Any]]) -> Any:
+                     step: Callable[[], Awaitable[Any]], phase: Phase = "swap") -> Any:
         started = time.perf_counter()
         try:
             value = await step()
         except Exception as exc:
             steps.append(StepTiming(name, (time.perf_counter() - started) * 1e3, False))
             log.error("swap step failed", extra={"fields": {
-                "step": name, "duration_ms": steps[-1].duration_ms, "error": str(exc)}})
+                "step": name, "phase": phase, "duration_ms": steps[-1].duration_ms,
+                "error": str(exc)}})
             raise _StepFailed(name, exc) from exc
         steps.append(StepTiming(name, (time.perf_counter() - started) * 1e3, True))
         log.info("swap step", extra={"fields": {
-            "step": name, "duration_ms": round(steps[-1].duration_ms, 2)}})
+            "step": name, "phase": phase, "duration_ms": round(steps[-1].duration_ms, 2)}})
         return value
 
     async def _engine_step(self, steps: list[StepTiming], name: SwapStep,
-                           fn: Callable[[], Any]) -> Any:
+                           fn: Callable[[], Any], phase: Phase = "swap") -> Any:
         """A timed step that touches MLX, the pool or the caches: run on the engine thread."""
-        return await self._timed(steps, name, lambda: self.engine.on_thread(fn))
+        return await self._timed(steps, name, lambda: self.engine.on_thread(fn), phase)
 
-    async def _bring_up(self, steps: list[StepTiming], model_id: str) -> LoadedModel:
+    async def _bring_up(self, steps: list[StepTiming], model_id: str,
+                        phase: Phase = "swap") -> LoadedModel:
         """Steps 5-8: load, reconfigure, retag, reinit."""
         loaded = await self._engine_step(steps, SwapStep.LOAD,
-                                         lambda: self.registry.load(model_id))
+                                         lambda: self.registry.load(model_id), phase)
         await self._engine_step(steps, SwapStep.RECONFIGURE,
-                                lambda: self.pool.reconfigure(loaded.dims))
+                                lambda: self.pool.reconfigure(loaded.dims), phase)
         tag = CacheTag.for_model(loaded.tag, self.block_tokens)
-        await self._engine_step(steps, SwapStep.RETAG, lambda: self.store.retag(tag))
-        await self._engine_step(steps, SwapStep.REINIT, lambda: self.engine.attach(loaded))
+        await self._engine_step(steps, SwapStep.RETAG, lambda: self.store.retag(tag), phase)
+        await self._engine_step(steps, SwapStep.REINIT, lambda: self.engine.attach(loaded),
+                                phase)
         return loaded
 
     async def _swap(self, model_id: str, timeout: float) -> SwapResult:
@@ -259,7 +263,7 @@ class ModelSwapOrchestrator:
             await self.engine.on_thread(self._drop_partial)
             if old is None:
                 raise RuntimeError("no previous model to roll back to")
-            await self._bring_up(result.rollback_steps, old)
+            await self._bring_up(result.rollback_steps, old, "rollback")
         except Exception as exc:  # the rollback itself failed: say so, keep running
             result.status = SwapOutcome.DEGRADED
             result.message = f"{reason}; rollback to {old} failed: {exc}"
