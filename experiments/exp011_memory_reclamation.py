@@ -13,18 +13,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments.harness import GEMMA, SMOLLM2, Harness, arguments, write_results
+from experiments.harness import SMOLLM2, Harness, arguments, away_model, write_results
 from semantic_server.models.registry import MemorySnapshot
 
 
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     swaps = 4 if args.quick else 20
-    harness = Harness(SMOLLM2)
+    away, settings = away_model(args.quick)
+    harness = Harness(SMOLLM2, **settings)
     rows = []
     try:
         for i in range(swaps):
-            target = GEMMA if i % 2 == 0 else SMOLLM2
+            target = away if i % 2 == 0 else SMOLLM2
             result = harness.swap(target)
             harness.turn(f"memory-agent-{i % 3}", [{"role": "user", "content": "Hello there."}])
             memory = MemorySnapshot.now()
@@ -38,7 +39,7 @@ def main() -> None:
         harness.close()
 
     verdicts = {}
-    for model in (GEMMA, SMOLLM2):
+    for model in (away, SMOLLM2):
         series = [r for r in rows if r["model"] == model]
         first, last = series[0], series[-1]
         verdicts[model] = {

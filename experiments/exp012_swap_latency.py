@@ -16,11 +16,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments.harness import GEMMA, SMOLLM2, Harness, arguments, history, write_results
+from experiments.harness import (
+    GEMMA,
+    SMOLLM2,
+    Harness,
+    arguments,
+    away_model,
+    history,
+    write_results,
+)
 from semantic_server.models.registry import resolve_compute_dtype
 from semantic_server.swap.orchestrator import SwapStep
-
-DIRECTIONS = ((SMOLLM2, GEMMA), (GEMMA, SMOLLM2), (SMOLLM2, SMOLLM2))
 
 
 def raw_load_seconds(harness: Harness, model_id: str) -> float:
@@ -58,11 +64,13 @@ def main() -> None:
     repetitions = 1 if args.quick else 3
     agent_counts = (2,) if args.quick else (0, 8, 32)
     agent_tokens = 64 if args.quick else 200
-    harness = Harness(SMOLLM2)
+    away, settings = away_model(args.quick)
+    harness = Harness(SMOLLM2, **settings)
+    directions = ((SMOLLM2, away), (away, SMOLLM2), (SMOLLM2, SMOLLM2))
     runs = []
-    floors: dict[str, list[float]] = {SMOLLM2: [], GEMMA: []}
+    floors: dict[str, list[float]] = {SMOLLM2: [], away: []}
     try:
-        for source, target in DIRECTIONS:
+        for source, target in directions:
             for agents in agent_counts:
                 for rep in range(repetitions):
                     if harness.server.snapshot().model_id != source:
@@ -76,7 +84,7 @@ def main() -> None:
                     print(f"{source} -> {target}, {agents:2d} agents: "
                           f"{result['duration_ms']:8.1f} ms  " +
                           " ".join(f"{k}={v:.1f}" for k, v in steps.items()), flush=True)
-        for model in (SMOLLM2, GEMMA):
+        for model in (SMOLLM2, away):
             for _ in range(repetitions):
                 floors[model].append(raw_load_seconds(harness, model) * 1e3)
             print(f"floor {model}: mlx_lm.load + warm-up {statistics.median(floors[model]):.1f} ms")
@@ -84,7 +92,7 @@ def main() -> None:
         harness.close()
 
     summary = []
-    for source, target in DIRECTIONS:
+    for source, target in directions:
         for agents in agent_counts:
             group = [r for r in runs if (r["source"], r["target"], r["agents"]) ==
                      (source, target, agents)]
@@ -106,7 +114,7 @@ def main() -> None:
                                           "summary": summary}, args.results)
 
     fig, ax = plt.subplots(figsize=(12, 5))
-    short = {SMOLLM2: "SmolLM2", GEMMA: "Gemma"}
+    short = {SMOLLM2: "SmolLM2", GEMMA: "Gemma", away: "SmolLM2 alias"}
     labels = [f"{short[s['source']]}->{short[s['target']]}\n{s['agents']} agents"
               for s in summary]
     bottom = [0.0] * len(summary)

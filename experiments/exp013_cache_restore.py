@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlx.core as mx
 
-from experiments.harness import GEMMA, SMOLLM2, Harness, arguments, history, write_results
+from experiments.harness import SMOLLM2, Harness, arguments, away_model, history, write_results
 from semantic_server.cache.cache_file import agent_file_name, read_cache
 
 SEED_SYSTEM_SPEEDUP = {1024: 8.3, 2048: 14.4, 4096: 27.3}  # agent-memory, cold -> warm TTFT
@@ -41,7 +41,8 @@ def read_seconds(path: Path) -> tuple[float, float]:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     lengths = (64, 128) if args.quick else (512, 1024, 2048, 4096)
-    harness = Harness(SMOLLM2, max_context_tokens=8192)
+    away, settings = away_model(args.quick)
+    harness = Harness(SMOLLM2, max_context_tokens=8192, **settings)
     rows = []
     try:
         conversations = {}
@@ -58,7 +59,7 @@ def main() -> None:
             conversations[length] = (agent, messages, hot, cold)
             print(f"{length:5d} tokens: cold {cold.ttft:7.3f} s (prompt {cold.prompt}), "
                   f"hot {hot.ttft:7.3f} s (cached {hot.cached})", flush=True)
-        harness.swap(GEMMA)
+        harness.swap(away)
         harness.swap(SMOLLM2)
         tag = harness.server.store.tag
         for length, (agent, messages, hot, cold) in conversations.items():

@@ -56,6 +56,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def away_model(quick: bool) -> tuple[str, dict[str, Any]]:
+    """The model a swap goes to, and the Harness settings that make it available.
+
+    A full run swaps to Gemma. A quick run is a smoke test of the script: it swaps to
+    SmolLM2 under another name (a symlinked directory), which loads in about a second where
+    Gemma's first load takes seven.
+    """
+    if not quick:
+        return GEMMA, {}
+    alias = Path(tempfile.mkdtemp(prefix="semantic-exp-models-")) / f"{SMOLLM2}-away"
+    alias.symlink_to(ROOT / "models" / SMOLLM2)
+    return alias.name, {"extra_models": [str(alias)]}
+
+
 def history(agent: int, tokens: int) -> str:
     """A distinct text of roughly ``tokens`` tokens (about 4 characters a token)."""
     head = f"Agent {agent} keeps these notes. "

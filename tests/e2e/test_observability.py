@@ -69,7 +69,7 @@ def test_metrics_logs_and_request_ids(models_dir, tmp_path):
         set(requests[0])
     startup = [line["step"] for line in lines if line["event"] == "swap step"
                and line["phase"] == "startup"]
-    assert startup == ["load", "reconfigure", "retag", "reinit"]
+    assert startup[:4] == ["load", "reconfigure", "retag", "reinit"]  # then the restart's
     steps = [line["step"] for line in lines if line["event"] == "swap step"
              and line["phase"] == "swap"]
     assert steps[:8] == ["drain", "evict", "shutdown", "unload", "load", "reconfigure",

@@ -1,16 +1,13 @@
-"""Caches under stress: swaps under load, kill -9 mid-write, reuse policies, odd agent ids."""
+"""Caches under stress, for real: swaps under load, kill -9 mid-write. (Reuse policies and
+odd agent ids are tested in the fast tier.)"""
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import shutil
 import signal
 import threading
 
 import httpx
-import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import read_cache
@@ -27,7 +24,7 @@ def _all_cache_files_valid(cache_dir) -> int:
     return len(files)
 
 
-def test_eight_agents_through_five_swaps(models_dir, tmp_path):
+def test_eight_agents_through_three_swaps(models_dir, tmp_path):
     server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path)).start()
     try:
         stop = threading.Event()
@@ -47,8 +44,7 @@ def test_eight_agents_through_five_swaps(models_dir, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             workers = [pool.submit(agent, i) for i in range(8)]
-            results = [swap(server, model) for model in (GEMMA, SMOLLM2, GEMMA, SMOLLM2,
-                                                         GEMMA)]
+            results = [swap(server, model) for model in (GEMMA, SMOLLM2, GEMMA)]
             stop.set()
             for worker in workers:
                 worker.result()
@@ -94,51 +90,3 @@ def test_kill_9_mid_write_leaves_valid_files(models_dir, tmp_path):
         model=SMOLLM2, messages=[{"role": "user", "content": "Hi 0"}], max_tokens=2)
     assert reply.choices[0].message.content is not None
     server.stop()
-
-
-def test_weights_variant_reuses_caches_only_when_asked(models_dir, tmp_path):
-    variant = tmp_path / "models" / "smollm2-variant"
-    shutil.copytree(models_dir / SMOLLM2, variant)
-    weights = load_file(str(variant / "model.safetensors"))
-    weights["model.norm.weight"] = weights["model.norm.weight"] * np.float32(1.0001)
-    save_file(weights, str(variant / "model.safetensors"), metadata={"format": "mlx"})
-    caches = tmp_path / "caches"
-    messages = [{"role": "user", "content": "List the planets of the solar system."}]
-
-    def turn_on_variant(reuse: str, agent_id: str) -> int:
-        server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(caches),
-                               cache_reuse=reuse, extra_models=json.dumps([str(variant)]))
-        server.start()
-        try:
-            server.client(agent_id).chat.completions.create(model=SMOLLM2, messages=messages,
-                                                             max_tokens=8, **GREEDY)
-            assert swap(server, "smollm2-variant").json()["status"] == "success"
-            reply = server.client(agent_id).chat.completions.create(
-                model="smollm2-variant", messages=messages, max_tokens=8, **GREEDY)
-            return reply.usage.prompt_tokens_details.cached_tokens
-        finally:
-            server.stop()
-
-    assert turn_on_variant("exact", "variant-agent-a") == 0
-    assert turn_on_variant("dims", "variant-agent-b") > 0
-
-
-def test_agent_ids_never_leave_the_cache_folder(models_dir, tmp_path):
-    root = tmp_path / "root"
-    caches = root / "caches"
-    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(caches)).start()
-    try:
-        for agent in ("..", "...", "..:..", "@..@", "-..-"):
-            server.client(agent).chat.completions.create(
-                model=SMOLLM2, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        for agent in ("../escape", "a/b", "..\\x", "/etc/passwd", "a" * 129, ""):
-            response = httpx.post(f"{server.url}/v1/chat/completions", headers={
-                "X-Agent-ID": agent}, json={"messages": [{"role": "user", "content": "hi"}]},
-                timeout=30)
-            assert response.status_code == 400, agent
-    finally:
-        server.stop()
-    files = [p for p in root.rglob("*") if p.is_file()]
-    assert len(files) >= 5
-    assert all(p.is_relative_to(caches) for p in files)
-    assert all(p.name == "tag.json" or len(p.stem) == 32 for p in files)

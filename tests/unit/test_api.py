@@ -192,3 +192,33 @@ def test_long_stop_strings_are_refused(client, path, body, param):
     if path == "/v1/chat/completions":
         assert response.json()["error"]["param"] == param
     assert "256" in response.text
+
+
+def test_a_request_held_past_the_limit_gets_503_with_retry_after(make_client, fake_models):
+    client = make_client(swap_hold_seconds=0.2)
+    fake_models["fake-b"].load_gate = threading.Event()  # the swap's load hangs
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        swapping = pool.submit(client.post, "/admin/models/swap", headers=ADMIN,
+                               json={"model_id": "fake-b"})
+        wait_for(lambda: client.get("/health").json()["state"] == "swapping", timeout=5)
+        held = client.post("/v1/chat/completions", json=CHAT)
+        fake_models["fake-b"].load_gate.set()
+        assert swapping.result().json()["status"] == "success"
+    assert held.status_code == 503 and held.headers["Retry-After"] == "1"
+    assert held.json()["error"]["code"] == "swap_in_progress"
+
+
+def test_agent_ids_never_leave_the_cache_folder(client, tmp_path):
+    for agent in ("..", "...", "..:..", "@..@", "-..-"):
+        reply = client.post("/v1/chat/completions", json=CHAT, headers={"X-Agent-ID": agent})
+        assert reply.status_code == 200, agent
+    for agent in ("../escape", "a/b", "..\\x", "/etc/passwd", "a" * 129, ""):
+        refused = client.post("/v1/chat/completions", json=CHAT, headers={"X-Agent-ID": agent})
+        assert refused.status_code == 400, agent
+    assert client.post("/admin/models/swap", json={"model_id": "fake-b"},
+                       headers=ADMIN).status_code == 200  # every hot cache to disk
+    caches = tmp_path / "caches"
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "models" not in p.parts]
+    assert len(files) >= 5
+    assert all(p.is_relative_to(caches) for p in files)
+    assert all(p.name == "tag.json" or len(p.stem) == 32 for p in files)

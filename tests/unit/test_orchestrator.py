@@ -137,3 +137,13 @@ async def test_a_second_swap_during_a_swap_is_refused(server, fake_models):
     assert (await held).admitted.model_id == "fake-b"  # held, then run on the target
     with pytest.raises(ModelNotLoaded):
         await old  # named the model swapped out: 409, never run on fake-b
+
+
+@pytest.mark.parametrize(("reuse", "reused"), [("exact", False), ("dims", True)])
+async def test_caches_of_other_weights_are_reused_only_when_asked(start, reuse, reused):
+    # fake-a and fake-b have equal dims and other fingerprints: other weights, same shape.
+    server = await start(cache_reuse=reuse)
+    await run_turn(server.service, "variant-agent", "List the planets.")
+    assert (await server.orchestrator.swap("fake-b")).status is SwapOutcome.SUCCESS
+    on_b = await run_turn(server.service, "variant-agent", "List the planets.")
+    assert (on_b.outcome.cached_tokens > 0) is reused
