@@ -31,7 +31,7 @@ from semantic_server.models.tag import ModelTag
 EOS = 0
 HEAD_DIM = 8
 CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
-          "hidden_size": HEAD_DIM, "max_position_embeddings": 4096}
+          "hidden_size": HEAD_DIM, "max_position_embeddings": 4096, "vocab_size": 0x110000}
 DIMS = ModelDims(2, 1, HEAD_DIM, "float32", (LayerCache(LayerKind.GLOBAL),) * 2)
 
 
@@ -210,7 +210,8 @@ class FakeGenerator:
         return cls(loaded.model)
 
     def insert(self, prompts: list[list[int]], max_tokens: list[int], caches: list[Any],
-               all_tokens: list[list[int]], samplers: list[Any]) -> list[int]:
+               all_tokens: list[list[int]], samplers: list[Any],
+               logits_processors: list[list[Any]] | None = None) -> list[int]:
         uids = []
         for prompt, limit, cache, tokens in zip(prompts, max_tokens, caches, all_tokens,
                                                 strict=True):

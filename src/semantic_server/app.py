@@ -18,7 +18,13 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
-from semantic_server.api import admin_routes, anthropic_routes, openai_routes, ops_routes
+from semantic_server.api import (
+    admin_routes,
+    anthropic_routes,
+    completions_routes,
+    openai_routes,
+    ops_routes,
+)
 from semantic_server.api.client_watch import ClientWatchMiddleware
 from semantic_server.api.errors import handle_any, handle_http
 from semantic_server.api.guard import GuardMiddleware
@@ -144,8 +150,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             await stop_server(app.state.server)
 
     app = Starlette(
-        routes=[*openai_routes.routes, *anthropic_routes.routes, *admin_routes.routes,
-                *ops_routes.routes],
+        routes=[*openai_routes.routes, *completions_routes.routes, *anthropic_routes.routes,
+                *admin_routes.routes, *ops_routes.routes],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: handle_http,

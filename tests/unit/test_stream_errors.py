@@ -15,7 +15,10 @@ import pytest
 from semantic_server.api.anthropic_routes import _events
 from semantic_server.api.openai_routes import _sse
 from semantic_server.api.turn import collect
+from semantic_server.engine.service import Admitted
 from semantic_server.errors import GenerationFailed
+
+ADMITTED = Admitted("m", 3, 0)
 
 
 async def failing():
@@ -30,7 +33,7 @@ async def _stream(make_events) -> list[str]:
 
 
 def test_openai_stream_ends_with_an_error_object_and_no_done():
-    events = asyncio.run(_stream(lambda items: _sse(items, "id", 0, "m", True)))
+    events = asyncio.run(_stream(lambda items: _sse(items, "id", 0, ADMITTED, True, False)))
     assert [json.loads(e[6:])["choices"][0]["delta"] for e in events[:3]] == [
         {"role": "assistant", "content": ""}, {"content": "Hel"}, {"content": "lo"}]
     error = json.loads(events[-1].removeprefix("data: "))["error"]
@@ -39,7 +42,7 @@ def test_openai_stream_ends_with_an_error_object_and_no_done():
 
 
 def test_anthropic_stream_ends_with_an_error_event_and_no_message_stop():
-    events = asyncio.run(_stream(lambda items: _events(items, "msg", "m")))
+    events = asyncio.run(_stream(lambda items: _events(items, "msg", ADMITTED, False)))
     names = [e.split("\n", 1)[0].removeprefix("event: ") for e in events]
     assert names == ["message_start", "content_block_start", "content_block_delta",
                      "content_block_delta", "error"]
@@ -61,8 +64,8 @@ def test_a_stream_its_client_leaves_closes_the_generation(stream):
 
     async def leave_after_three_events():
         items = endless()
-        events = (_sse(items, "id", 0, "m", False) if stream == "openai"
-                  else _events(items, "msg", "m"))
+        events = (_sse(items, "id", 0, ADMITTED, False, False) if stream == "openai"
+                  else _events(items, "msg", ADMITTED, False))
         for _ in range(3):
             await anext(events)
         assert closed == []

@@ -1,4 +1,9 @@
-"""OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``."""
+"""OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+Chat completions take tools (the generic format of ``api/tools.py``), ``response_format``
+(``json_object`` or ``json_schema``, always enforced by a grammar) and ``logprobs``; what
+cannot be honoured is a 400, never ignored.
+"""
 
 from __future__ import annotations
 
@@ -13,29 +18,134 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from semantic_server.api import tools as t
 from semantic_server.api.errors import stream_error
 from semantic_server.api.request_id import request_id_of
-from semantic_server.api.schemas import ChatCompletionRequest
+from semantic_server.api.schemas import ChatCompletionRequest, ChatMessage
 from semantic_server.api.turn import (
     agent_id_of,
     capped_max_tokens,
     collect,
+    openai_usage,
     read_json,
     relay,
     tenant_of,
     wait_admitted,
 )
-from semantic_server.engine.jobs import SamplingParams
-from semantic_server.engine.service import Admitted, GenerationParams, Outcome
+from semantic_server.engine.constraints import json_schema_grammar
+from semantic_server.engine.jobs import FinishReason, SamplingParams
+from semantic_server.engine.service import (
+    Admitted,
+    GenerationParams,
+    Grammar,
+    Outcome,
+    TokenLogprob,
+)
+from semantic_server.errors import InvalidRequest
 
 
-def _usage(outcome: Outcome) -> dict[str, Any]:
-    return {
-        "prompt_tokens": outcome.prompt_tokens,
-        "completion_tokens": outcome.completion_tokens,
-        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
-    }
+def logprob_entry(item: TokenLogprob) -> dict[str, Any]:
+    """One token in OpenAI's chat ``logprobs.content`` shape."""
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {**token(item.token, item.logprob),
+            "top_logprobs": [token(text, logprob) for text, logprob in item.top]}
+
+
+def _choice(chat: ChatCompletionRequest) -> t.ToolChoice:
+    choice = chat.tool_choice
+    if choice is None:
+        mode = t.ChoiceMode.AUTO
+    elif isinstance(choice, str):
+        mode = t.ChoiceMode(choice)
+    else:
+        return t.ToolChoice(t.ChoiceMode.NAMED, choice.function.name, chat.parallel_tool_calls)
+    return t.ToolChoice(mode, None, chat.parallel_tool_calls)
+
+
+def _arguments(call_id: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"tool call {call_id}: function.arguments must be a JSON object",
+                             param="messages")
+    return value
+
+
+def _history(messages: list[ChatMessage], tools_on: bool) -> list[dict[str, str]]:
+    """The conversation as template messages, tool turns in the generic format."""
+    names: dict[str, str] = {}  # tool call id -> function name
+    out = []
+    for message in messages:
+        if message.role == "tool":
+            name = names.get(message.tool_call_id or "")
+            if name is None:
+                raise InvalidRequest(f"a tool message answers tool_call_id "
+                                     f"{message.tool_call_id!r}, which no assistant message "
+                                     "called", param="messages")
+            out.append({"role": "user", "content": t.result_text(
+                message.tool_call_id, name, message.text())})
+        elif message.role == "assistant" and message.tool_calls:
+            calls = [t.ToolCall(c.id, c.function.name, _arguments(c.id, c.function.arguments))
+                     for c in message.tool_calls]
+            names.update({call.id: call.name for call in calls})
+            out.append({"role": "assistant", "content": t.calls_text(calls)})
+        elif message.role == "assistant" and tools_on:
+            out.append({"role": "assistant", "content": t.reply_text(message.text())})
+        else:
+            out.append(message.as_template_message())
+    return out
+
+
+def _schema_grammar(schema: dict[str, Any], param: str) -> Grammar:
+    try:
+        return Grammar(json_schema_grammar(schema), param)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"{param} cannot be used: {exc}", param=param,
+                             code="invalid_schema") from exc
+
+
+def prepare(chat: ChatCompletionRequest) -> tuple[list[dict[str, str]], Grammar | None, bool]:
+    """The prompt's messages, the grammar the answer must follow, and whether the answer is
+    in the tool format."""
+    tools = [t.Tool(d.function.name, d.function.description,
+                    d.function.parameters or {"type": "object"}) for d in chat.tools or []]
+    choice = _choice(chat)
+    t.check_tools(tools, choice, "tools")
+    tools_on = bool(tools)
+    messages = _history(chat.messages, tools_on)
+    wants_json = chat.response_format is not None and chat.response_format.type != "text"
+    if tools_on and wants_json:
+        raise InvalidRequest("response_format cannot be combined with tools here; ask for "
+                             "a tool whose parameters are the schema", param="response_format")
+    if tools_on:
+        return t.with_tools(messages, tools), _schema_grammar(
+            t.output_schema(tools, choice), "tools"), True
+    if not wants_json:
+        return messages, None, False
+    if chat.response_format.type == "json_object":
+        return messages, _schema_grammar({"type": "object"}, "response_format"), False
+    spec = chat.response_format.json_schema
+    if spec is None or not spec.schema_:
+        raise InvalidRequest("response_format json_schema needs json_schema.schema",
+                             param="response_format.json_schema")
+    return messages, _schema_grammar(spec.schema_, "response_format.json_schema.schema"), False
+
+
+def _message(text: str, outcome: Outcome, tools_on: bool) -> tuple[dict[str, Any], str]:
+    """The assistant message and finish reason of a whole answer."""
+    if not tools_on:
+        return {"role": "assistant", "content": text}, outcome.finish_reason
+    answer = t.parse_answer(text)
+    if answer.calls:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": t.compact(c.arguments)}}
+            for c in answer.calls]}, "tool_calls"
+    return {"role": "assistant", "content": answer.text}, outcome.finish_reason
 
 
 async def chat_completions(request: Request) -> Response:
@@ -43,59 +153,93 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, server.settings.max_body_bytes)
     chat = ChatCompletionRequest.model_validate(body)
     agent = agent_id_of(request, body)
+    messages, grammar, tools_on = prepare(chat)
     params = GenerationParams(
         max_tokens=capped_max_tokens(request, chat.requested_max_tokens()),
         sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
-        stop=chat.stop_strings(),
-    )
-    messages = [m.as_template_message() for m in chat.messages]
+        stop=chat.stop_strings(), grammar=grammar, logprobs=chat.requested_logprobs())
     items = server.service.generate(agent, messages, params, chat.model, request_id_of(request),
                                     tenant_of(request))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     admitted = await wait_admitted(items)
     if not chat.stream:
-        text, item = await collect(items)
+        done = await collect(items)
+        message, finish = _message(done.text, done.outcome, tools_on)
+        logprobs = ({"content": [logprob_entry(i) for i in done.logprobs]}
+                    if chat.logprobs else None)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created,
-            "model": item.model_id,
-            "choices": [{"index": 0, "finish_reason": item.finish_reason, "logprobs": None,
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": _usage(item),
+            "model": done.outcome.model_id,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": logprobs,
+                         "message": message}],
+            "usage": openai_usage(done.outcome),
         })
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
     return StreamingResponse(
-        _sse(items, completion_id, created, admitted.model_id, include_usage),
+        _sse(items, completion_id, created, admitted, include_usage, tools_on),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _sse(items: AsyncIterator[Admitted | str | Outcome], completion_id: str,
-               created: int, model_id: str, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
+               completion_id: str, created: int, admitted: Admitted, include_usage: bool,
+               tools_on: bool) -> AsyncIterator[str]:
+    pending: list[TokenLogprob] = []  # log-probabilities ride on the next chunk
+
     def chunk(delta: dict[str, Any], finish: str | None = None,
               usage: dict[str, Any] | None = None) -> str:
+        logprobs = {"content": [logprob_entry(i) for i in pending]} if pending else None
+        pending.clear()
         data: dict[str, Any] = {
             "id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model_id,
+            "model": admitted.model_id,
             "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                          "logprobs": None}],
+                                          "logprobs": logprobs}],
         }
         if usage:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
+    answer = t.OutputStream() if tools_on else None
+    called = False
     yield chunk({"role": "assistant", "content": ""})
     async with aclosing(relay(items)) as relayed:
         async for item in relayed:
             if isinstance(item, Exception):  # OpenAI's way: an error object, and no [DONE]
                 yield f"data: {json.dumps(stream_error(item))}\n\n"
                 return
-            if isinstance(item, str):
-                yield chunk({"content": item})
+            if isinstance(item, TokenLogprob):
+                pending.append(item)
                 continue
-            yield chunk({}, item.finish_reason)
+            if isinstance(item, str):
+                for delta in _deltas(answer, item):
+                    called = called or "tool_calls" in delta
+                    yield chunk(delta)
+                continue
+            finish = ("tool_calls" if called and item.finish_reason is not FinishReason.LENGTH
+                      else item.finish_reason)
+            yield chunk({}, finish)
             if include_usage:
-                yield chunk({}, usage=_usage(item))
+                yield chunk({}, usage=openai_usage(item))
     yield "data: [DONE]\n\n"
+
+
+def _deltas(answer: t.OutputStream | None, text: str) -> list[dict[str, Any]]:
+    """The chunks' deltas for a piece of the answer: its text, or tool-call pieces."""
+    if answer is None:
+        return [{"content": text}]
+    deltas = []
+    for event in answer.feed(text):
+        if isinstance(event, t.TextDelta):
+            deltas.append({"content": event.text})
+        elif isinstance(event, t.CallStart):
+            deltas.append({"tool_calls": [{"index": event.index, "id": event.id,
+                                           "type": "function", "function": {
+                                               "name": event.name, "arguments": ""}}]})
+        else:
+            deltas.append({"tool_calls": [{"index": event.index,
+                                           "function": {"arguments": event.json}}]})
+    return deltas
 
 
 async def list_models(request: Request) -> JSONResponse:

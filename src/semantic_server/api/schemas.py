@@ -5,17 +5,33 @@ Unknown fields are ignored (clients send many); wrong types are a 400 naming the
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256  # a stop string is held back and searched on every token: keep it short
 
 
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5  # the legacy API's own limit
+
+
 def check_stop_lengths(stops: list[str]) -> None:
     if any(len(stop) > MAX_STOP_CHARS for stop in stops):
         raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
+
+
+def check_stops(stop: str | list[str] | None) -> None:
+    if isinstance(stop, list) and len(stop) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences")
+    check_stop_lengths([stop] if isinstance(stop, str) else stop or [])
+
+
+def stop_tuple(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 class TextPart(BaseModel):
@@ -31,10 +47,69 @@ def plain_text(content: str | list[TextPart] | None) -> str:
     return "".join(part.text for part in content)
 
 
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
     def text(self) -> str:
         return plain_text(self.content)
@@ -66,6 +141,12 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     user: str | None = None
     session_id: str | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("n")
     @classmethod
@@ -77,27 +158,108 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        check_stop_lengths([stop] if isinstance(stop, str) else stop or [])
+        check_stops(stop)
         return stop
 
     def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_tuple(self.stop)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @model_validator(mode="after")
+    def _logprobs_asked(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def requested_logprobs(self) -> int | None:
+        """None without logprobs; else how many alternatives each token shows."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completions: a prompt to continue, for base models."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | list[int] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    n: int = 1
+    best_of: int | None = None
+    suffix: str | None = None
+    user: str | None = None
+    session_id: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.n != 1 or (self.best_of or 1) != 1:
+            raise ValueError("only n=1 (and best_of 1) is supported")
+        if self.echo or self.suffix:
+            raise ValueError("echo and suffix are not supported")
+        check_stops(self.stop)
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return stop_tuple(self.stop)
+
+
+class ToolUseBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["tool_use"]
+    id: str = Field(min_length=1)
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[TextPart] = ""
+    is_error: bool = False
+
+
+ContentBlock = Annotated[TextPart | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
 
 
 class AnthropicMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[ContentBlock]
 
     def text(self) -> str:
-        return plain_text(self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(block.text for block in self.content if isinstance(block, TextPart))
+
+    def blocks(self, kind: type) -> list[Any]:
+        return [] if isinstance(self.content, str) else [
+            block for block in self.content if isinstance(block, kind)]
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    type: Literal["custom"] | None = None  # server tools (web search...) are not ours
+
+
+class AnthropicToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
 
 
 class AnthropicMetadata(BaseModel):
@@ -119,6 +281,8 @@ class MessagesRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stream: bool = False
     metadata: AnthropicMetadata | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
 
     @field_validator("stop_sequences")
     @classmethod
@@ -126,7 +290,5 @@ class MessagesRequest(BaseModel):
         check_stop_lengths(stops or [])
         return stops
 
-    def template_messages(self) -> list[dict[str, str]]:
-        system = plain_text(self.system)
-        head = [{"role": "system", "content": system}] if system else []
-        return head + [{"role": m.role, "content": m.text()} for m in self.messages]
+    def system_text(self) -> str:
+        return plain_text(self.system)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
 from semantic_server.api.request_id import SAFE_ID
-from semantic_server.engine.service import Admitted, Outcome
+from semantic_server.engine.service import Admitted, Outcome, TokenLogprob
 from semantic_server.errors import InvalidRequest, PayloadTooLarge
 
 
@@ -71,6 +72,14 @@ def capped_max_tokens(request: Request, requested: int | None) -> int:
     return max_tokens
 
 
+def openai_usage(outcome: Outcome) -> dict[str, Any]:
+    """The usage block of OpenAI's APIs (chat and completions)."""
+    return {"prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens}}
+
+
 async def wait_admitted(items: AsyncIterator[Admitted | str | Outcome]) -> Admitted:
     """Wait until the generation is admitted: refusals (unknown model, busy, too long) raise
     here, before any byte is sent, so they keep their HTTP status even for streams."""
@@ -80,9 +89,10 @@ async def wait_admitted(items: AsyncIterator[Admitted | str | Outcome]) -> Admit
     return first
 
 
-async def relay(items: AsyncIterator[Admitted | str | Outcome],
-                ) -> AsyncIterator[str | Outcome | Exception]:
-    """Text deltas, then the Outcome, or the error that ended the generation instead.
+async def relay(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
+                ) -> AsyncIterator[str | TokenLogprob | Outcome | Exception]:
+    """Text deltas (and log-probabilities), then the Outcome, or the error that ended the
+    generation instead.
 
     A stream has sent its status and first events by the time a generation can fail, so
     the error is handed to the caller to become an error event, not raised into Starlette
@@ -101,15 +111,28 @@ async def relay(items: AsyncIterator[Admitted | str | Outcome],
     yield item
 
 
-async def collect(items: AsyncIterator[Admitted | str | Outcome]) -> tuple[str, Outcome]:
-    """The whole text and the outcome of a non-streamed request (errors raise: no byte has
-    been sent yet, so they keep their HTTP status)."""
+@dataclass
+class Collected:
+    """A whole non-streamed generation."""
+
+    text: str
+    outcome: Outcome
+    logprobs: list[TokenLogprob]
+
+
+async def collect(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome]) -> Collected:
+    """The whole text, log-probabilities and outcome of a non-streamed request (errors
+    raise: no byte has been sent yet, so they keep their HTTP status)."""
     text: list[str] = []
+    logprobs: list[TokenLogprob] = []
     async with aclosing(relay(items)) as relayed:
         async for item in relayed:
             if isinstance(item, Exception):
                 raise item
             if isinstance(item, Outcome):
-                return "".join(text), item
-            text.append(item)
+                return Collected("".join(text), item, logprobs)
+            if isinstance(item, TokenLogprob):
+                logprobs.append(item)
+            else:
+                text.append(item)
     raise AssertionError("relay ends with an outcome or an error")

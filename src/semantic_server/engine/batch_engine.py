@@ -88,6 +88,21 @@ def batch_generator(loaded: LoadedModel, max_batch: int, prefill_step_size: int,
 GeneratorFactory = Callable[[LoadedModel, int, int], Any]
 
 
+def token_out(job: Job, response: Any) -> TokenOut:
+    """The event of one generated token, with its log-probability and the top ones when
+    the job asked for them (read off the step's log-probabilities, on the engine thread)."""
+    if job.logprobs is None:
+        return TokenOut(response.token)
+    logprobs = response.logprobs
+    top: tuple[tuple[int, float], ...] = ()
+    if job.logprobs > 0:
+        ids = mx.argpartition(-logprobs, job.logprobs - 1)[: job.logprobs]
+        values = logprobs[ids]
+        top = tuple(sorted(zip(ids.tolist(), values.tolist(), strict=True),
+                           key=lambda pair: -pair[1]))
+    return TokenOut(response.token, logprobs[response.token].item(), top)
+
+
 def _make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array] | None:
     """A per-job sampler with its own random key, so a seed reproduces its text whatever
     else shares the batch. None means greedy (the generator's shared default)."""
@@ -318,7 +333,8 @@ class BatchEngine:
             self.store.reserve(job.request_id, self._reservation(job, cached))
             (uid,) = self._generator.insert(
                 [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
-                all_tokens=[job.prompt[:cached]], samplers=[sampler])
+                all_tokens=[job.prompt[:cached]], samplers=[sampler],
+                logits_processors=[[job.logits_processor] if job.logits_processor else []])
         except Exception as exc:  # a bad job must not take the engine or its cache down
             log.exception("could not admit request %s", job.request_id)
             self.store.unreserve(job.request_id)
@@ -392,11 +408,11 @@ class BatchEngine:
                 continue
             try:
                 if response.finish_reason is None:
-                    job.emit(TokenOut(response.token))
+                    job.emit(token_out(job, response))
                     continue
                 reason = FinishReason(response.finish_reason)
                 if reason is FinishReason.LENGTH:
-                    job.emit(TokenOut(response.token))  # a stop token is not part of the text
+                    job.emit(token_out(job, response))  # a stop token is not part of the text
                 self.store.unreserve(job.request_id)
                 self._checkin(job, response.prompt_cache, response.all_tokens,
                               self._checkpoints.get(response.uid))

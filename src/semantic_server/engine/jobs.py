@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class FinishReason(StrEnum):
@@ -38,6 +39,8 @@ class Started:
 @dataclass(frozen=True)
 class TokenOut:
     token: int
+    logprob: float | None = None  # when the job asked for log-probabilities
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at this step
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,5 @@ class Job:
     sampling: SamplingParams
     emit: Callable[[Event], None]
     namespace: str | None = None  # the tenant whose anonymous prefix cache it may use
+    logits_processor: Callable[[Any, Any], Any] | None = None  # a grammar, say
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and top k

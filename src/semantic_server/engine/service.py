@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from jinja2.exceptions import TemplateError
 
 from semantic_server.engine.batch_engine import BatchEngine
+from semantic_server.engine.constraints import GrammarProcessor, check_grammar
 from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.jobs import (
     Failed,
@@ -52,10 +53,36 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What the output must match (an llguidance grammar), and the request field it came
+    from, named in the 400 when it cannot be compiled."""
+
+    text: str
+    param: str
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None
+    logprobs: int | None = None  # None: none; k: each token's and the top k (0-20)
+
+
+# What a request asks to continue: chat messages (rendered by the model's chat template),
+# a plain text, or token ids.
+Prompt = list[dict[str, Any]] | str | list[int]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives; yielded
+    before the text the token adds, when the request asked for log-probabilities."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -160,6 +187,34 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         raise InvalidRequest(f"the loaded model cannot format these messages: {exc}") from exc
 
 
+def tokenize(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
+    """The token ids of any kind of prompt; an empty one or an unknown id is a 400."""
+    if isinstance(prompt, str):
+        ids = list(tokenizer.encode(prompt))
+    elif prompt and all(isinstance(item, int) for item in prompt):
+        if not all(0 <= item < vocab_size for item in prompt):
+            raise InvalidRequest(f"token ids must be in 0..{vocab_size - 1}", param="prompt")
+        ids = list(prompt)
+    else:
+        ids = render_prompt(tokenizer, prompt)
+    if not ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    return ids
+
+
+def grammar_processor(loaded: Any, grammar: Grammar) -> GrammarProcessor:
+    """A fresh matcher for one request (compiling a grammar takes milliseconds to tens of
+    them: off the event loop); a grammar that does not compile is a 400 naming its field."""
+    check_grammar(grammar.text, loaded.tokenizer, grammar.param)
+    return GrammarProcessor(loaded.tokenizer, grammar.text, vocab_size(loaded))
+
+
+def vocab_size(loaded: Any) -> int:
+    """The size of the model's logits (what a grammar mask and token ids must fit)."""
+    config = {**loaded.config.get("text_config", {}), **loaded.config}
+    return int(config.get("vocab_size") or len(loaded.tokenizer.vocab))
+
+
 async def acquire_within(lock: asyncio.Lock, timeout: float) -> bool:
     """Acquire ``lock`` unless ``timeout`` passes first. Never leaves the lock taken when
     it gives up or is cancelled (``asyncio.wait_for`` can, on Python 3.11, when the lock
@@ -179,6 +234,11 @@ async def acquire_within(lock: asyncio.Lock, timeout: float) -> bool:
 
 
 ENGINE_STOPPED_PUBLIC = "the engine stopped; the server must be restarted"
+
+
+def token_logprob(tokenizer: Any, event: TokenOut) -> TokenLogprob:
+    return TokenLogprob(tokenizer.decode([event.token]), event.logprob or 0.0,
+                        tuple((tokenizer.decode([t]), lp) for t, lp in event.top))
 
 
 class GenerationService:
@@ -237,12 +297,14 @@ class GenerationService:
         if not any(entry.model_id == model_id for entry in self.catalog.available()):
             raise ModelNotFound(f"model {model_id!r} does not exist")
 
-    async def generate(self, agent_id: str | None, messages: list[dict[str, str]],
+    async def generate(self, agent_id: str | None, prompt: Prompt,
                        params: GenerationParams, model_id: str | None = None,
                        request_id: str | None = None, tenant: str | None = None,
-                       ) -> AsyncIterator[Admitted | str | Outcome]:
-        """One ``Admitted``, text deltas, then one ``Outcome``. Closing the iterator early
-        cancels the job. Refusals (unknown model, busy, too long) raise before ``Admitted``.
+                       ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
+        """One ``Admitted``, text deltas (each preceded by its tokens' ``TokenLogprob`` when
+        asked for), then one ``Outcome``. Closing the iterator early cancels the job.
+        Refusals (unknown model, busy, too long, a grammar that does not compile) raise
+        before ``Admitted``.
 
         ``model_id``, when the request named one, must be the model loaded once the request
         is admitted: a request held through a swap never runs on a model it did not name.
@@ -251,7 +313,7 @@ class GenerationService:
         """
         self._check_exists(model_id)
         self._check_capacity()
-        run = self._run(agent_id, messages, params, model_id, request_id, tenant)
+        run = self._run(agent_id, prompt, params, model_id, request_id, tenant)
         if agent_id is None:
             async with self.gate.admit(), aclosing(run):
                 async for item in run:
@@ -273,20 +335,23 @@ class GenerationService:
             if users.count == 0:
                 self._agent_locks.pop(agent_id, None)
 
-    async def _run(self, agent_id: str | None, messages: list[dict[str, str]],
+    async def _run(self, agent_id: str | None, request: Prompt,
                    params: GenerationParams, model_id: str | None, request_id: str | None,
-                   tenant: str | None) -> AsyncIterator[Admitted | str | Outcome]:
+                   tenant: str | None) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
         loaded = self.engine.loaded
         if loaded is None:
             raise GenerationFailed("no model is loaded")
         if model_id is not None and model_id != loaded.model_id:
             raise ModelNotLoaded(f"model {model_id!r} is available but not loaded (loaded: "
                                  f"{loaded.model_id}); swap to it first")
-        prompt = await asyncio.to_thread(render_prompt, loaded.tokenizer, messages)
+        prompt = await asyncio.to_thread(tokenize, loaded.tokenizer, request, vocab_size(loaded))
         limit = self._context_limit(loaded.config)
         if len(prompt) >= limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt)} tokens; this model's context is {limit} tokens")
+        processor = None
+        if params.grammar is not None:
+            processor = await asyncio.to_thread(grammar_processor, loaded, params.grammar)
         outcome = Outcome(loaded.model_id, prompt_tokens=len(prompt))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -294,7 +359,7 @@ class GenerationService:
         self.engine.submit(Job(
             job_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
             params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            tenant))
+            tenant, processor, params.logprobs))
         self.queued += 1
         started = False
         detokenizer = loaded.tokenizer.detokenizer
@@ -313,6 +378,8 @@ class GenerationService:
                     if outcome.ttft_seconds is None:
                         outcome.ttft_seconds = time.perf_counter() - outcome.started
                     outcome.completion_tokens += 1
+                    if event.logprob is not None:
+                        yield token_logprob(loaded.tokenizer, event)
                     detokenizer.add_token(event.token)
                     if text := stops.feed(detokenizer.last_segment):
                         yield text
