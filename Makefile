@@ -11,10 +11,12 @@ MODELS := models/.fetched
 serve: setup
 	$(VENV)/bin/semantic-server serve
 
-# The fast tier (tests/unit: fakes, in process) runs first; then the real models and servers.
+# The fast tier (tests/unit: fakes, in process) runs first; then the real models and
+# servers, on two workers (a test file stays on one worker, so its servers start once).
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest tests/unit
+	$(VENV)/bin/pytest -n 2 --dist loadfile tests/integration tests/e2e
 
 # The fast tier alone: no real model needed, under a minute.
 test-fast: $(INSTALLED)

@@ -37,11 +37,12 @@ def float32_copy(model_dir: Path, dest: Path) -> Path:
 
 
 def stream_turn(url: str, messages: list[dict], max_tokens: int, agent: str | None = None,
-                model: str | None = None) -> dict:
-    """One streamed greedy chat request: TTFT, total time, decode rate, usage."""
+                model: str | None = None, extra: dict | None = None) -> dict:
+    """One streamed greedy chat request (``extra`` joins its body): TTFT, total time,
+    decode rate, usage."""
     headers = {"X-Agent-ID": agent} if agent else {}
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     if model:
         body["model"] = model
     started = time.perf_counter()
@@ -57,8 +58,9 @@ def stream_turn(url: str, messages: list[dict], max_tokens: int, agent: str | No
             data = json.loads(line[6:])
             if data.get("usage"):
                 usage = data["usage"]
-            if data.get("choices") and data["choices"][0]["delta"].get("content"):
-                chunks.append(data["choices"][0]["delta"]["content"])
+            delta = data["choices"][0]["delta"] if data.get("choices") else {}
+            if delta.get("content") or delta.get("tool_calls"):
+                chunks.append(delta.get("content") or "")
                 first = first or time.perf_counter()
     end = time.perf_counter()
     tokens = usage.get("completion_tokens", len(chunks))

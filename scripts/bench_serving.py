@@ -6,9 +6,14 @@
     turn cold;
 (d) the same 20-request shared-prefix workload against ``mlx_lm.server`` on the same
     weights. Both servers get the same float32 weights and OpenBLAS (the peer's strongest
-    fair configuration on this CPU: its quantized path would be several times slower).
+    fair configuration on this CPU: its quantized path would be several times slower);
+(e) decode tokens/s of a request under a JSON-schema constraint against the same request
+    unconstrained, in the same run;
+(f) the time to compile the answer grammar of 10 tools (in process), and the generic tool
+    format's prompt overhead in tokens for 1 and 10 tools.
 
-Usage: .venv/bin/python scripts/bench_serving.py [--out experiments/results/bench_serving.json]
+Usage: .venv/bin/python scripts/bench_serving.py [--parts abcdef]
+       [--out experiments/results/bench_serving.json]
 """
 
 from __future__ import annotations
@@ -59,14 +64,84 @@ def shared_prefix_workload(url: str, model: str | None) -> list[float]:
     return latencies
 
 
+STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
+                                                "story": {"type": "string"}},
+                "required": ["title", "story"], "additionalProperties": False}
+
+
+def constrained_decode(url: str, story: str, repetitions: int = 3) -> dict:
+    """(e): the same greedy request, free and under a JSON schema, alternately."""
+    free, constrained = [], []
+    schema = {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "story", "schema": STORY_SCHEMA}}}
+    messages = [{"role": "user", "content": story}]
+    stream_turn(url, messages, 4, extra=schema)  # builds the tokenizer view once
+    for _ in range(repetitions):
+        free.append(stream_turn(url, messages, 128)["decode_tps"])
+        constrained.append(stream_turn(url, messages, 128, extra=schema)["decode_tps"])
+    return {"free_tps": statistics.median(free),
+            "constrained_tps": statistics.median(constrained),
+            "ratio": statistics.median(constrained) / statistics.median(free),
+            "free_runs": free, "constrained_runs": constrained}
+
+
+def tool_grammar_costs(model_dir: Path) -> dict:
+    """(f): compile time of 10 tools' answer grammar, and the tool prompt's tokens."""
+    from mlx_lm.utils import load_tokenizer
+
+    from semantic_server.api import tools as t
+    from semantic_server.engine.constraints import GrammarProcessor, json_schema_grammar
+
+    tokenizer = load_tokenizer(model_dir)
+    started = time.perf_counter()
+    GrammarProcessor(tokenizer, json_schema_grammar({"type": "object"}), 49152)
+    view = time.perf_counter() - started
+    tools = [t.Tool(f"tool_{i}", f"Does thing number {i} for the user.", {
+        "type": "object", "properties": {"query": {"type": "string"}, "limit": {
+            "type": "integer", "minimum": 1, "maximum": 50}, "mode": {
+            "type": "string", "enum": ["fast", "exact"]}},
+        "required": ["query", "mode"], "additionalProperties": False}) for i in range(10)]
+    compile_s = []
+    for _ in range(5):
+        started = time.perf_counter()
+        GrammarProcessor(tokenizer, json_schema_grammar(
+            t.output_schema(tools, t.ToolChoice())), 49152).allowed()
+        compile_s.append(time.perf_counter() - started)
+    ask = [{"role": "user", "content": "Find me a bike."}]
+    plain = len(tokenizer.apply_chat_template(ask, add_generation_prompt=True))
+    overhead = {n: len(tokenizer.apply_chat_template(t.with_tools(ask, tools[:n]),
+                                                     add_generation_prompt=True)) - plain
+                for n in (1, 10)}
+    return {"tokenizer_view_s": view, "compile_10_tools_s": statistics.median(compile_s),
+            "prompt_overhead_tokens": overhead}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path,
                         default=ROOT / "experiments" / "results" / "bench_serving.json")
+    parser.add_argument("--parts", default="abcdef", help="which parts to run")
     args = parser.parse_args()
     model_dir = ROOT / "models" / MODEL
-    results: dict = {"blas": blas_status().detail}
+    results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["blas"] = blas_status().detail
     story = "Write a long story about a lighthouse keeper and a storm."
+    if "f" in args.parts:
+        results["f_tool_grammar"] = tool_grammar_costs(model_dir)
+        print(f"(f) {results['f_tool_grammar']}", flush=True)
+    if "e" in args.parts:
+        server = ServerProcess(MODEL, cache_dir=tempfile.mkdtemp()).start()
+        try:
+            results["e_constrained_decode"] = constrained_decode(server.url, story)
+        finally:
+            server.stop()
+        e = results["e_constrained_decode"]
+        print(f"(e) decode under a JSON schema {e['constrained_tps']:.1f} tok/s vs free "
+              f"{e['free_tps']:.1f} tok/s: {e['ratio']:.2f}", flush=True)
+    if not set("abcd") & set(args.parts):
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+        return
 
     server = ServerProcess(MODEL, cache_dir=tempfile.mkdtemp()).start()
     try:

@@ -246,13 +246,21 @@ def test_bad_input_gets_a_clear_error(smol_server, name, body, headers, status, 
 
 def test_a_client_that_gives_up_frees_its_agent_at_once(smol_server):
     # A non-streamed request of 400 tokens takes about 30 s here; the client leaves after
-    # 1 s. The server must notice and cancel the job (before, the agent's next request
-    # waited for all 400 tokens).
+    # 3 s, once it runs. The server must notice and cancel the job (before, the agent's
+    # next request waited for all 400 tokens).
     story = [{"role": "user", "content": "Write a very long story about a lighthouse."}]
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{smol_server.url}/v1/chat/completions", timeout=1.0,
-                   headers={"X-Agent-ID": "quitter"},
-                   json={"messages": story, "max_tokens": 400, "temperature": 0})
+
+    def give_up() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{smol_server.url}/v1/chat/completions", timeout=3.0,
+                       headers={"X-Agent-ID": "quitter"},
+                       json={"messages": story, "max_tokens": 400, "temperature": 0})
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        client = pool.submit(give_up)
+        wait_for(lambda: smol_server.health()["active_sequences"] == 1, timeout=10,
+                 what="the request running")
+        client.result()
     wait_for(lambda: smol_server.health()["active_sequences"] == 0, timeout=10,
              what="the abandoned job cancelled")
     again = smol_server.client("quitter").chat.completions.create(
