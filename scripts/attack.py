@@ -93,9 +93,9 @@ def case_abandoned(server: ServerProcess) -> dict:
 
 
 def case_slow_reader(server: ServerProcess) -> dict:
-    """A streaming client with a 1 KB receive buffer that never reads; then a swap (it must
-    drain that request) and the same agent's next request."""
-    body = json.dumps({"messages": STORY, "max_tokens": 2000, "stream": True,
+    """A streaming client with a 1 KB receive buffer that never reads (4,096 tokens asked);
+    then a swap (it must drain that request) and the same agent's next request."""
+    body = json.dumps({"messages": STORY, "max_tokens": 4096, "stream": True,
                        "temperature": 0}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
@@ -109,9 +109,9 @@ def case_slow_reader(server: ServerProcess) -> dict:
             while server.health()["active_sequences"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
             started = time.monotonic()
-            swapped = httpx.post(f"{server.url}/admin/models/swap", timeout=300,
+            swapped = httpx.post(f"{server.url}/admin/models/swap", timeout=400,
                                  headers={"X-Admin-Key": KEY},
-                                 json={"model_id": SMOLLM2, "timeout_seconds": 60})
+                                 json={"model_id": SMOLLM2, "timeout_seconds": 300})
             swap_s = time.monotonic() - started
             started = time.monotonic()
             again = chat(server, STORY, agent="sleeper", max_tokens=1)

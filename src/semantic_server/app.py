@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -167,7 +168,16 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     return app
 
 
+SEND_BUFFER_BYTES = 64 * 1024
+
+
 def run(settings: Settings) -> None:
+    """Serve until SIGTERM. The listening socket's send buffer is fixed (connections inherit
+    it) so that a client that stops reading blocks the server's writes after a few dozen
+    KB, where the send timeout can see it, instead of after megabytes of autotuned buffer."""
     configure_logging()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                log_config=None, access_log=False)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level="info", log_config=None, access_log=False)
+    listener = config.bind_socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    uvicorn.Server(config).run(sockets=[listener])
