@@ -67,7 +67,7 @@ async def completions(request: Request) -> Response:
                          "logprobs": legacy_logprobs(done.logprobs, 0) if wants_logprobs
                          else None}],
             "usage": openai_usage(done.outcome)})
-    include_usage = bool(completion.stream_options and completion.stream_options.include_usage)
+    include_usage = completion.include_usage()
     return StreamingResponse(
         _stream(items, completion_id, created, admitted, include_usage, wants_logprobs),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -175,7 +175,7 @@ async def chat_completions(request: Request) -> Response:
                          "message": message}],
             "usage": openai_usage(done.outcome),
         })
-    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    include_usage = chat.include_usage()
     return StreamingResponse(
         _sse(items, completion_id, created, admitted, include_usage, tools_on),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

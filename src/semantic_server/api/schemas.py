@@ -125,13 +125,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class OpenAIGeneration(BaseModel):
+    """What OpenAI's chat and completions requests share: sampling, stops, streaming, the
+    agent and n=1."""
+
     model_config = ConfigDict(extra="ignore")
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -141,12 +142,6 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     user: str | None = None
     session_id: str | None = None
-    tools: list[ToolDef] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("n")
     @classmethod
@@ -164,6 +159,20 @@ class ChatCompletionRequest(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         return stop_tuple(self.stop)
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(OpenAIGeneration):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -178,39 +187,22 @@ class ChatCompletionRequest(BaseModel):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(OpenAIGeneration):
     """OpenAI's legacy completions: a prompt to continue, for base models."""
 
-    model_config = ConfigDict(extra="ignore")
-
     prompt: str | list[int] = Field(min_length=1)
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
-    n: int = 1
     best_of: int | None = None
     suffix: str | None = None
-    user: str | None = None
-    session_id: str | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        if self.n != 1 or (self.best_of or 1) != 1:
-            raise ValueError("only n=1 (and best_of 1) is supported")
+        if (self.best_of or 1) != 1:
+            raise ValueError("only best_of 1 is supported")
         if self.echo or self.suffix:
             raise ValueError("echo and suffix are not supported")
-        check_stops(self.stop)
         return self
-
-    def stop_strings(self) -> tuple[str, ...]:
-        return stop_tuple(self.stop)
 
 
 class ToolUseBlock(BaseModel):
