@@ -191,6 +191,9 @@ def test_completions_continue_text_and_token_ids_with_an_agents_cache(smol_serve
     ({"n": 2}, "n"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, None),
+    ({"logit_bias": {"1": 5}}, None),
+    ({"tools": [WEATHER], "stop": "x"}, "stop"),
+    ({"functions": [WEATHER["function"]]}, "functions"),
     ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "bad", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}},
      "response_format.json_schema.schema"),

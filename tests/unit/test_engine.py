@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic_server.cache.agent_store import Lookup
-from semantic_server.engine.batch_engine import fit_cache, reusable_prefix
-from semantic_server.engine.jobs import FinishReason
+from semantic_server.engine.batch_engine import fit_cache, reusable_prefix, token_out
+from semantic_server.engine.jobs import FinishReason, Job, SamplingParams
 from semantic_server.engine.service import Admitted, GenerationParams
 from semantic_server.errors import ModelNotFound, ModelNotLoaded
 from tests.fakes import (
@@ -146,3 +147,12 @@ async def test_a_retried_turn_reuses_its_prompt_past_a_wrapped_window(start, fak
     assert follow.outcome.cached_tokens == len(turn_one) - 1
     hot = server.store.residency()
     assert hot.hot_agents == 1 and server.pool.used <= server.pool.capacity
+
+
+def test_masked_tokens_are_no_alternatives():
+    # Under a grammar, disallowed tokens have log-probability -inf: never "top" ones.
+    job = Job("j", None, [1], 4, SamplingParams(), print, logprobs=3)
+    response = type("R", (), {"token": 0, "logprobs": mx.array(
+        [-0.1, -float("inf"), -2.5, -float("inf")])})()
+    out = token_out(job, response)
+    assert out.logprob == pytest.approx(-0.1) and [t for t, _ in out.top] == [0, 2]

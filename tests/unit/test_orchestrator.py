@@ -147,3 +147,17 @@ async def test_caches_of_other_weights_are_reused_only_when_asked(start, reuse, 
     assert (await server.orchestrator.swap("fake-b")).status is SwapOutcome.SUCCESS
     on_b = await run_turn(server.service, "variant-agent", "List the planets.")
     assert (on_b.outcome.cached_tokens > 0) is reused
+
+
+async def test_a_failed_shutdown_rolls_back_instead_of_sticking(server, monkeypatch):
+    # No real input makes detaching the generator fail, so the fault is injected (a
+    # stand-in for the engine's detach only); what is tested is that the swap ends.
+    def broken_detach() -> None:
+        raise RuntimeError("injected: the generator would not close")
+
+    monkeypatch.setattr(server.engine, "detach", broken_detach)
+    result = await server.orchestrator.swap("fake-b")
+    assert result.status in (SwapOutcome.ROLLED_BACK, SwapOutcome.DEGRADED)
+    assert result.failed_step is SwapStep.SHUTDOWN
+    assert server.gate.state is not ServerState.SWAPPING
+    assert server.orchestrator.history[-1] is result

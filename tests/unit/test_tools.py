@@ -54,8 +54,8 @@ def test_history_renders_to_what_the_model_wrote():
     assert t.calls_text(answer.calls) == written
     reply = '{"response":"Sunny, \\"warm\\" and dry"}'
     assert t.reply_text(t.parse_answer(reply).text) == reply
-    cut = t.parse_answer('{"response":"Sunny an')
-    assert not cut.complete and cut.text == '{"response":"Sunny an'
+    cut = t.parse_answer('{"response":"Sunny an')  # max_tokens reached: the text so far
+    assert not cut.complete and cut.text == "Sunny an" and cut.calls == []
 
 
 def test_tools_join_the_system_turn():
@@ -92,3 +92,11 @@ def test_the_stream_parser_gives_the_same_answer_however_it_is_cut(answer, step)
             arguments[event.index] = arguments.get(event.index, "") + event.json
     assert [json.loads(arguments[i]) for i in range(len(starts))] == [
         c["arguments"] for c in expected["tool_calls"]]
+
+
+def test_lone_surrogates_become_replacement_characters():
+    answer = t.parse_answer('{"response":"a\\ud83db"}')
+    assert answer.text == "a\ufffdb"
+    stream = t.OutputStream()
+    assert "".join(e.text for e in stream.feed('{"response":"x\\ud83dabcdefgh"}')) == \
+        "x\ufffdabcdefgh"

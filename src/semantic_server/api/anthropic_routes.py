@@ -106,6 +106,8 @@ def prepare(chat: MessagesRequest) -> tuple[list[dict[str, str]], Grammar | None
         raise InvalidRequest("tool_choice of type tool needs a name", param="tool_choice")
     t.check_tools(tools, choice, "tools")
     tools_on = bool(tools)
+    if tools_on and chat.stop_sequences:
+        raise InvalidRequest(t.STOP_WITH_TOOLS, param="stop_sequences")
     system = chat.system_text()
     messages = ([{"role": "system", "content": system}] if system else []) + _history(
         chat.messages, tools_on)

@@ -121,6 +121,8 @@ def prepare(chat: ChatCompletionRequest) -> tuple[list[dict[str, str]], Grammar 
     if tools_on and wants_json:
         raise InvalidRequest("response_format cannot be combined with tools here; ask for "
                              "a tool whose parameters are the schema", param="response_format")
+    if tools_on and chat.stop:
+        raise InvalidRequest(t.STOP_WITH_TOOLS, param="stop")
     if tools_on:
         return t.with_tools(messages, tools), _schema_grammar(
             t.output_schema(tools, choice), "tools"), True

@@ -142,6 +142,17 @@ class OpenAIGeneration(BaseModel):
     n: int = 1
     user: str | None = None
     session_id: str | None = None
+    # Accepted only at their neutral values: anything else would be silently ignored.
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @model_validator(mode="after")
+    def _no_penalties(self) -> OpenAIGeneration:
+        if self.logit_bias or self.presence_penalty or self.frequency_penalty:
+            raise ValueError("logit_bias, presence_penalty and frequency_penalty are not "
+                             "supported")
+        return self
 
     @field_validator("n")
     @classmethod
@@ -172,6 +183,16 @@ class ChatCompletionRequest(OpenAIGeneration):
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    functions: list[Any] | None = None  # the legacy spelling of tools
+    function_call: Any = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _legacy_functions(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("functions and function_call are not supported: use tools and "
+                             "tool_choice")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -275,6 +296,15 @@ class MessagesRequest(BaseModel):
     metadata: AnthropicMetadata | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
+    top_k: int | None = None
+    thinking: Any = None
+
+    @field_validator("top_k", "thinking")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        if value not in (None, {"type": "disabled"}):
+            raise ValueError("top_k and thinking are not supported")
+        return value
 
     @field_validator("stop_sequences")
     @classmethod

@@ -30,6 +30,8 @@ from typing import Any
 from semantic_server.errors import InvalidRequest
 
 COMPACT = (",", ":")
+STOP_WITH_TOOLS = ("stop sequences cannot be combined with tools: the answer is JSON, which a "
+                   "stop sequence would cut")
 
 
 def compact(value: Any) -> str:
@@ -148,14 +150,29 @@ class Answer:
 
 
 def parse_answer(output: str, id_prefix: str = "call_") -> Answer:
+    """The answer in ``output``; one cut short gives the reply text it had reached (a tool
+    call cut short gives nothing: its arguments would not parse)."""
     try:
-        value = json.loads(output)
+        value = scrub(json.loads(output))
     except ValueError:
-        return Answer(output, [], False)
+        reached = OutputStream(id_prefix).feed(output)
+        return Answer("".join(e.text for e in reached if isinstance(e, TextDelta)), [], False)
     if "tool_calls" in value:
         return Answer(None, [ToolCall(new_call_id(id_prefix), c["name"], c["arguments"])
                              for c in value["tool_calls"]], True)
     return Answer(value.get("response", ""), [], True)
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with lone surrogates (a model can write an unpaired ``\\ud83d``) replaced
+    by U+FFFD, so it can be sent as UTF-8."""
+    if isinstance(value, str):  # json.loads has joined every valid pair already
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    if isinstance(value, list):
+        return [scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {scrub(key): scrub(item) for key, item in value.items()}
+    return value
 
 
 # ---- streaming --------------------------------------------------------------------------
@@ -193,11 +210,14 @@ def _unicode_escape(text: str) -> tuple[str | None, int]:
     if len(text) < 6:
         return None, 0
     point = int(text[2:6], 16)
+    if 0xDC00 <= point <= 0xDFFF:  # a low surrogate alone
+        return "\ufffd", 6
     if not 0xD800 <= point < 0xDC00:
         return chr(point), 6
     if len(text) < 12:
         return None, 0
-    low = int(text[8:12], 16)
+    if text[6:8] != "\\u" or not 0xDC00 <= (low := int(text[8:12], 16)) <= 0xDFFF:
+        return "\ufffd", 6  # a high surrogate alone
     return chr(0x10000 + ((point - 0xD800) << 10) + (low - 0xDC00)), 12
 
 

@@ -156,10 +156,15 @@ class AgentCacheStore:
         """Reserve room for a running job of ``tokens`` (its prompt plus max_tokens)."""
         self._reserve(key, self.pool.blocks_for(tokens))
 
+    def room_bytes(self, key: str) -> int:
+        """Bytes free for ``key``'s reservation without evicting anyone."""
+        held = self.pool.reservation(key)
+        return max(0, (self.pool.free + held) * self.pool.block_bytes)
+
     def reserve_bytes(self, key: str, nbytes: int) -> None:
-        """Reserve room for a holder counted in bytes (the anonymous prefix cache)."""
-        self.pool.unreserve(key)
-        self._reserve(key, self.pool.blocks_for_bytes(nbytes))
+        """Reserve room for a holder counted in bytes (the anonymous prefix cache), which
+        the caller made fit ``room_bytes``: nobody is evicted for it."""
+        self.pool.reserve(key, self.pool.blocks_for_bytes(nbytes))
 
     def _reserve(self, key: str, blocks: int) -> None:
         """Evict least recently used hot caches to disk until ``blocks`` fit. What does not

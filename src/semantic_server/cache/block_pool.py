@@ -100,6 +100,9 @@ class BlockPool:
         lone job larger than the budget may overdraw it)."""
         self._reserved[key] = blocks
 
+    def reservation(self, key: str) -> int:
+        return self._reserved.get(key, 0)
+
     def unreserve(self, key: str) -> None:
         self._reserved.pop(key, None)
 

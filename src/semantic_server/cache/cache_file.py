@@ -110,9 +110,12 @@ def _fsync(fd: int) -> None:
     """Flush a file to stable storage. On macOS ``fsync`` only reaches the drive's cache;
     ``F_FULLFSYNC`` asks the drive to write it through."""
     if hasattr(fcntl, "F_FULLFSYNC"):
-        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-    else:
-        os.fsync(fd)
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:  # a volume that refuses it (FAT, exFAT, network shares)
+            pass
+    os.fsync(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -88,6 +89,12 @@ def batch_generator(loaded: LoadedModel, max_batch: int, prefill_step_size: int,
 GeneratorFactory = Callable[[LoadedModel, int, int], Any]
 
 
+def materialize(cache: list[Any]) -> None:
+    """Evaluate a cache taken out of the batch: until then its arrays are lazy slices that
+    keep the whole batch's buffers alive, outside any budget."""
+    mx.eval([layer.state for layer in cache])
+
+
 def token_out(job: Job, response: Any) -> TokenOut:
     """The event of one generated token, with its log-probability and the top ones when
     the job asked for them (read off the step's log-probabilities, on the engine thread)."""
@@ -98,8 +105,10 @@ def token_out(job: Job, response: Any) -> TokenOut:
     if job.logprobs > 0:
         ids = mx.argpartition(-logprobs, job.logprobs - 1)[: job.logprobs]
         values = logprobs[ids]
-        top = tuple(sorted(zip(ids.tolist(), values.tolist(), strict=True),
-                           key=lambda pair: -pair[1]))
+        # a grammar's masked tokens have -inf: they are not alternatives, and not JSON
+        top = tuple(sorted(((token, value) for token, value in zip(
+            ids.tolist(), values.tolist(), strict=True) if math.isfinite(value)),
+            key=lambda pair: -pair[1]))
     return TokenOut(response.token, logprobs[response.token].item(), top)
 
 
@@ -358,12 +367,18 @@ class BatchEngine:
         if uid is None or self._generator is None:
             return
         job = self._jobs[uid]
-        removed = self._generator.remove([uid], return_prompt_caches=True)
-        self.store.unreserve(job.request_id)
-        for cache, tokens in removed.values():
-            self._checkin(job, cache, tokens, self._checkpoints.get(uid))
-        self._finish(uid, Finished(FinishReason.CANCELLED))
-        self._schedule()
+        outcome: Event = Finished(FinishReason.CANCELLED)
+        try:
+            removed = self._generator.remove([uid], return_prompt_caches=True)
+            self.store.unreserve(job.request_id)
+            for cache, tokens in removed.values():
+                self._checkin(job, cache, tokens, self._checkpoints.get(uid))
+        except Exception as exc:  # the job ends either way; its cache may be lost
+            log.exception("could not cancel request %s cleanly", request_id)
+            outcome = Failed(exc)
+        finally:
+            self._finish(uid, outcome)
+            self._schedule()
 
     def _finish(self, uid: int, event: Event) -> None:
         job = self._jobs.pop(uid)
@@ -377,8 +392,12 @@ class BatchEngine:
         tokens = list(tokens)
         if not tokens:  # cancelled before any prefill: nothing worth keeping
             return
+        materialize(cache)
         if job.agent_id is None:
             self._shared.insert_cache(self._shared_key(job), tokens, cache)
+            room = self.store.room_bytes(SHARED_PREFIX)  # never evicts an agent for it
+            if self._shared.nbytes > room:
+                self._shared.trim_to(n_bytes=room)
             self.store.reserve_bytes(SHARED_PREFIX, self._shared.nbytes)
         else:
             self.store.checkin(AgentCache(job.agent_id, cache, tokens, checkpoint=checkpoint))
@@ -389,6 +408,7 @@ class BatchEngine:
         due = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt
                and r.uid in self._checkpoints]
         for uid, (cache, tokens) in self._generator.extract_cache(due).items() if due else ():
+            materialize(cache)
             self._checkpoints[uid] = (cache, list(tokens))
 
     def _step(self) -> None:

@@ -268,8 +268,10 @@ class GenerationService:
                             retry_after=1)
 
     async def _agent_turn(self, users: _AgentLock) -> None:
-        """Wait for the agent's previous request to end: a held request, within the hold."""
-        if not users.lock.locked():
+        """Wait for the agent's previous request to end: a held request, within the hold.
+        Only a request that is the agent's only one takes the lock at once (another may be
+        about to take it: the lock's next owner is woken but has not run yet)."""
+        if not users.lock.locked() and users.count == 1:
             await users.lock.acquire()
             return
         self.gate.held += 1

@@ -55,6 +55,10 @@ class SwapStep(StrEnum):
     REINIT = "reinit"
 
 
+# A failure in these steps stops the swap with nothing changed; after them, it rolls back.
+ABORTABLE = (SwapStep.DRAIN, SwapStep.EVICT)
+
+
 class SwapOutcome(StrEnum):
     SUCCESS = "success"
     ABORTED = "aborted"  # stopped before anything was unloaded: the old model serves on
@@ -212,15 +216,14 @@ class ModelSwapOrchestrator:
         self.gate.transition(ServerState.SWAPPING)
         try:
             await self._take_down(result, timeout)
-        except _StepFailed as failure:  # nothing unloaded, nothing lost
-            self._abort(result, failure, old)
-        else:
-            try:
-                loaded = await self._bring_up(result.steps, model_id)
-                result.memory["active_after_load"] = loaded.stats.after.active_bytes
-                result.message = f"swapped {old} -> {model_id}"
-                self.gate.transition(ServerState.READY)
-            except _StepFailed as failure:
+            loaded = await self._bring_up(result.steps, model_id)
+            result.memory["active_after_load"] = loaded.stats.after.active_bytes
+            result.message = f"swapped {old} -> {model_id}"
+            self.gate.transition(ServerState.READY)
+        except _StepFailed as failure:
+            if failure.step in ABORTABLE:  # nothing unloaded, nothing lost
+                self._abort(result, failure, old)
+            else:
                 await self._recover(result, old, failure)
         result.duration_ms = (time.perf_counter() - started) * 1e3
         return result
@@ -245,8 +248,6 @@ class ModelSwapOrchestrator:
                          "rss_after_unload": unload.after.rss_bytes}
 
     def _abort(self, result: SwapResult, failure: _StepFailed, old: str | None) -> None:
-        if failure.step not in (SwapStep.DRAIN, SwapStep.EVICT):
-            raise RuntimeError(f"a swap cannot be aborted after {failure.step}") from failure
         result.status = SwapOutcome.ABORTED
         result.failed_step = failure.step
         kept = ("every agent cache stays in memory" if failure.step is SwapStep.EVICT
