@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import agents
 import anthropic
@@ -16,7 +17,11 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from experiments.servers import ServerProcess
+from tests.conftest import SMOLLM2
+
 GREEDY = {"temperature": 0}
+TEMPLATES = Path(__file__).parent / "templates"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {
@@ -207,3 +212,51 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_param(smol_server, body, pa
     if param is not None:
         assert error["param"] == param
     assert smol_server.health()["active_sequences"] == 0
+
+
+@pytest.fixture(scope="module")
+def hermes_server(models_dir, tmp_path_factory):
+    """SmolLM2's weights behind a chat template that takes tools and writes Hermes-style
+    <tool_call> blocks (as Qwen's and Hermes' templates do): a real model with a native
+    tool template, so the template's own format is used instead of the generic one."""
+    model = tmp_path_factory.mktemp("hermes") / "smollm2-hermes"
+    model.mkdir()
+    source = models_dir / SMOLLM2
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "import.json"):
+        (model / name).symlink_to(source / name)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["chat_template"] = (TEMPLATES / "hermes_tools.jinja").read_text()
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    server = ServerProcess(model.name, extra_models=json.dumps([str(model)]),
+                           max_context_tokens="2048").start()
+    yield server
+    server.stop()
+
+
+def test_a_native_tool_template_gets_its_own_format(hermes_server):
+    client = hermes_server.client("hermes-agent")
+    model = hermes_server.model
+    messages = list(ASK)
+    first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER],
+                                           tool_choice="required", parallel_tool_calls=False,
+                                           max_tokens=40, **GREEDY)
+    (call,) = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls"
+    WeatherArgs.model_validate_json(call.function.arguments)
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
+    second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER],
+                                            tool_choice="none", max_tokens=8, **GREEDY)
+    assert second.choices[0].message.tool_calls is None
+    assert "<tool_call>" not in second.choices[0].message.content
+    # the template renders the call as the model wrote it, so the first turn's prompt is
+    # cached but for the last token (where the template joins "assistant" and "\n<tool_call>"
+    # into other tokens than the generation prompt's "assistant\n")
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    streamed = [d for chunk in client.chat.completions.create(
+        model=model, messages=ASK, tools=[WEATHER], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=40, stream=True, **GREEDY)
+        if chunk.choices for d in chunk.choices[0].delta.tool_calls or []]
+    assert streamed[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in streamed)) == \
+        json.loads(call.function.arguments)

@@ -23,7 +23,6 @@ from semantic_server.api import tools as t
 from semantic_server.api.errors import stream_error
 from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import (
-    AnthropicMessage,
     MessagesRequest,
     ToolResultBlock,
     ToolUseBlock,
@@ -38,13 +37,13 @@ from semantic_server.api.turn import (
     tenant_of,
     wait_admitted,
 )
-from semantic_server.engine.constraints import json_schema_grammar
 from semantic_server.engine.jobs import FinishReason, SamplingParams
 from semantic_server.engine.service import (
     Admitted,
     GenerationParams,
-    Grammar,
     Outcome,
+    Prompt,
+    Renderer,
     TokenLogprob,
 )
 from semantic_server.errors import InvalidRequest
@@ -68,17 +67,17 @@ def _usage(outcome: Outcome) -> dict[str, int]:
             "cache_creation_input_tokens": 0}
 
 
-def _history(messages: list[AnthropicMessage], tools_on: bool) -> list[dict[str, str]]:
-    """The conversation as template messages, tool blocks in the generic format."""
+def _turns(chat: MessagesRequest) -> list[t.Turn]:
+    """The conversation in the neutral form every tool format renders."""
     names: dict[str, str] = {}  # tool_use id -> tool name
-    out = []
-    for message in messages:
-        uses = message.blocks(ToolUseBlock)
+    system = chat.system_text()
+    turns = [t.Turn("system", system)] if system else []
+    for message in chat.messages:
         if message.role == "assistant":
+            uses = message.blocks(ToolUseBlock)
             names.update({use.id: use.name for use in uses})
-            content = (t.calls_text([t.ToolCall(u.id, u.name, u.input) for u in uses]) if uses
-                       else t.reply_text(message.text()) if tools_on else message.text())
-            out.append({"role": "assistant", "content": content})
+            turns.append(t.Turn("assistant", message.text(), tuple(
+                t.ToolCall(u.id, u.name, u.input) for u in uses)))
             continue
         results = message.blocks(ToolResultBlock)
         for result in results:
@@ -87,16 +86,15 @@ def _history(messages: list[AnthropicMessage], tools_on: bool) -> list[dict[str,
                                      f"{result.tool_use_id!r}, which no assistant turn used",
                                      param="messages")
             content = plain_text(result.content)
-            out.append({"role": "user", "content": t.result_text(
-                result.tool_use_id, names[result.tool_use_id],
-                f"error: {content}" if result.is_error else content)})
+            turns.append(t.Turn("tool", f"error: {content}" if result.is_error else content,
+                                call_id=result.tool_use_id, name=names[result.tool_use_id]))
         if message.text() or not results:
-            out.append({"role": "user", "content": message.text()})
-    return out
+            turns.append(t.Turn("user", message.text()))
+    return turns
 
 
-def prepare(chat: MessagesRequest) -> tuple[list[dict[str, str]], Grammar | None, bool]:
-    """The prompt's messages, the grammar of the answer, and whether tools are on."""
+def prepare(chat: MessagesRequest) -> Prompt | Renderer:
+    """The prompt, or with tools a renderer for the admitted model's tool format."""
     tools = [t.Tool(tool.name, tool.description, tool.input_schema)
              for tool in chat.tools or []]
     spec = chat.tool_choice
@@ -105,25 +103,18 @@ def prepare(chat: MessagesRequest) -> tuple[list[dict[str, str]], Grammar | None
     if spec is not None and spec.type == "tool" and not spec.name:
         raise InvalidRequest("tool_choice of type tool needs a name", param="tool_choice")
     t.check_tools(tools, choice, "tools")
-    tools_on = bool(tools)
-    if tools_on and chat.stop_sequences:
+    turns = _turns(chat)
+    if not tools and not any(turn.role == "tool" or turn.calls for turn in turns):
+        return [{"role": turn.role, "content": turn.content} for turn in turns]
+    if chat.stop_sequences:
         raise InvalidRequest(t.STOP_WITH_TOOLS, param="stop_sequences")
-    system = chat.system_text()
-    messages = ([{"role": "system", "content": system}] if system else []) + _history(
-        chat.messages, tools_on)
-    if not tools_on:
-        return messages, None, False
-    try:
-        grammar = Grammar(json_schema_grammar(t.output_schema(tools, choice)), "tools")
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(f"tools cannot be used: {exc}", param="tools") from exc
-    return t.with_tools(messages, tools), grammar, True
+    return t.renderer(turns, tools, choice)
 
 
-def _content(text: str, tools_on: bool) -> list[dict[str, Any]]:
-    if not tools_on:
+def _content(text: str, fmt: Any) -> list[dict[str, Any]]:
+    if fmt is None:
         return [{"type": "text", "text": text}]
-    answer = t.parse_answer(text, id_prefix="toolu_")
+    answer = fmt.parse(text, "toolu_")
     if answer.calls:
         return [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments}
                 for c in answer.calls]
@@ -136,24 +127,24 @@ async def messages(request: Request) -> Response:
     chat = MessagesRequest.model_validate(body)
     user = chat.metadata.user_id if chat.metadata else None
     agent = agent_id_of(request, {"user": user} if user else {})
-    prompt, grammar, tools_on = prepare(chat)
+    prompt = prepare(chat)
     params = GenerationParams(max_tokens=capped_max_tokens(request, chat.max_tokens),
                               sampling=SamplingParams(chat.temperature, chat.top_p),
-                              stop=tuple(chat.stop_sequences or ()), grammar=grammar)
+                              stop=tuple(chat.stop_sequences or ()))
     items = server.service.generate(agent, prompt, params, chat.model, request_id_of(request),
                                     tenant_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"
     admitted = await wait_admitted(items)
     if not chat.stream:
         done = await collect(items)
-        content = _content(done.text, tools_on)
+        content = _content(done.text, admitted.context)
         called = any(block["type"] == "tool_use" for block in content)
         return JSONResponse({
             "id": message_id, "type": "message", "role": "assistant",
             "model": done.outcome.model_id, "content": content,
             "stop_reason": _stop_reason(done.outcome, called),
             "stop_sequence": done.outcome.stop_sequence, "usage": _usage(done.outcome)})
-    return StreamingResponse(_events(items, message_id, admitted, tools_on),
+    return StreamingResponse(_events(items, message_id, admitted),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -188,7 +179,7 @@ class _Blocks:
         return [*events, _event("content_block_delta", {
             "index": self.index, "delta": {"type": "text_delta", "text": text}})]
 
-    def answer(self, stream: t.OutputStream, text: str) -> list[str]:
+    def answer(self, stream: Any, text: str) -> list[str]:
         events: list[str] = []
         for piece in stream.feed(text):
             if isinstance(piece, t.TextDelta):
@@ -203,13 +194,13 @@ class _Blocks:
 
 
 async def _events(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
-                  message_id: str, admitted: Admitted, tools_on: bool) -> AsyncIterator[str]:
+                  message_id: str, admitted: Admitted) -> AsyncIterator[str]:
     yield _event("message_start", {"message": {
         "id": message_id, "type": "message", "role": "assistant", "model": admitted.model_id,
         "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": 0, "output_tokens": 0}}})
     blocks = _Blocks()
-    answer = t.OutputStream(id_prefix="toolu_") if tools_on else None
+    answer = admitted.context.stream("toolu_") if admitted.context else None
     async with aclosing(relay(items)) as relayed:
         async for item in relayed:
             if isinstance(item, Exception):  # Anthropic's way: an error event ends the stream

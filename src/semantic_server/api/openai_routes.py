@@ -39,6 +39,8 @@ from semantic_server.engine.service import (
     GenerationParams,
     Grammar,
     Outcome,
+    Prompt,
+    Renderer,
     TokenLogprob,
 )
 from semantic_server.errors import InvalidRequest
@@ -75,10 +77,10 @@ def _arguments(call_id: str, text: str) -> dict[str, Any]:
     return value
 
 
-def _history(messages: list[ChatMessage], tools_on: bool) -> list[dict[str, str]]:
-    """The conversation as template messages, tool turns in the generic format."""
+def _turns(messages: list[ChatMessage]) -> list[t.Turn]:
+    """The conversation in the neutral form every tool format renders."""
     names: dict[str, str] = {}  # tool call id -> function name
-    out = []
+    turns = []
     for message in messages:
         if message.role == "tool":
             name = names.get(message.tool_call_id or "")
@@ -86,18 +88,18 @@ def _history(messages: list[ChatMessage], tools_on: bool) -> list[dict[str, str]
                 raise InvalidRequest(f"a tool message answers tool_call_id "
                                      f"{message.tool_call_id!r}, which no assistant message "
                                      "called", param="messages")
-            out.append({"role": "user", "content": t.result_text(
-                message.tool_call_id, name, message.text())})
+            turns.append(t.Turn("tool", message.text(), call_id=message.tool_call_id,
+                                name=name))
         elif message.role == "assistant" and message.tool_calls:
-            calls = [t.ToolCall(c.id, c.function.name, _arguments(c.id, c.function.arguments))
-                     for c in message.tool_calls]
+            calls = tuple(t.ToolCall(c.id, c.function.name,
+                                     _arguments(c.id, c.function.arguments))
+                          for c in message.tool_calls)
             names.update({call.id: call.name for call in calls})
-            out.append({"role": "assistant", "content": t.calls_text(calls)})
-        elif message.role == "assistant" and tools_on:
-            out.append({"role": "assistant", "content": t.reply_text(message.text())})
+            turns.append(t.Turn("assistant", message.text(), calls))
         else:
-            out.append(message.as_template_message())
-    return out
+            template = message.as_template_message()
+            turns.append(t.Turn(template["role"], template["content"]))
+    return turns
 
 
 def _schema_grammar(schema: dict[str, Any], param: str) -> Grammar:
@@ -108,15 +110,15 @@ def _schema_grammar(schema: dict[str, Any], param: str) -> Grammar:
                              code="invalid_schema") from exc
 
 
-def prepare(chat: ChatCompletionRequest) -> tuple[list[dict[str, str]], Grammar | None, bool]:
-    """The prompt's messages, the grammar the answer must follow, and whether the answer is
-    in the tool format."""
+def prepare(chat: ChatCompletionRequest) -> tuple[Prompt | Renderer, Grammar | None]:
+    """The prompt (or, with tools, a renderer for the admitted model's tool format, which
+    makes the grammar too), and the grammar of the answer."""
     tools = [t.Tool(d.function.name, d.function.description,
                     d.function.parameters or {"type": "object"}) for d in chat.tools or []]
     choice = _choice(chat)
     t.check_tools(tools, choice, "tools")
-    tools_on = bool(tools)
-    messages = _history(chat.messages, tools_on)
+    turns = _turns(chat.messages)
+    tools_on = bool(tools) or any(turn.role == "tool" or turn.calls for turn in turns)
     wants_json = chat.response_format is not None and chat.response_format.type != "text"
     if tools_on and wants_json:
         raise InvalidRequest("response_format cannot be combined with tools here; ask for "
@@ -124,29 +126,30 @@ def prepare(chat: ChatCompletionRequest) -> tuple[list[dict[str, str]], Grammar 
     if tools_on and chat.stop:
         raise InvalidRequest(t.STOP_WITH_TOOLS, param="stop")
     if tools_on:
-        return t.with_tools(messages, tools), _schema_grammar(
-            t.output_schema(tools, choice), "tools"), True
+        return t.renderer(turns, tools, choice), None
+    messages = [{"role": turn.role, "content": turn.content} for turn in turns]
     if not wants_json:
-        return messages, None, False
+        return messages, None
     if chat.response_format.type == "json_object":
-        return messages, _schema_grammar({"type": "object"}, "response_format"), False
+        return messages, _schema_grammar({"type": "object"}, "response_format")
     spec = chat.response_format.json_schema
     if spec is None or not spec.schema_:
         raise InvalidRequest("response_format json_schema needs json_schema.schema",
                              param="response_format.json_schema")
-    return messages, _schema_grammar(spec.schema_, "response_format.json_schema.schema"), False
+    return messages, _schema_grammar(spec.schema_, "response_format.json_schema.schema")
 
 
-def _message(text: str, outcome: Outcome, tools_on: bool) -> tuple[dict[str, Any], str]:
-    """The assistant message and finish reason of a whole answer."""
-    if not tools_on:
+def _message(text: str, outcome: Outcome, fmt: Any) -> tuple[dict[str, Any], str]:
+    """The assistant message and finish reason of a whole answer (``fmt``: the tool format
+    that reads it, None without tools)."""
+    if fmt is None:
         return {"role": "assistant", "content": text}, outcome.finish_reason
-    answer = t.parse_answer(text)
-    if answer.calls:
+    answer = fmt.parse(text, "call_")
+    if answer.calls:  # the calls that closed, even when max_tokens cut a later one
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": c.id, "type": "function",
              "function": {"name": c.name, "arguments": t.compact(c.arguments)}}
-            for c in answer.calls]}, "tool_calls"
+            for c in answer.calls]}, "tool_calls" if answer.complete else outcome.finish_reason
     return {"role": "assistant", "content": answer.text}, outcome.finish_reason
 
 
@@ -155,19 +158,19 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, server.settings.max_body_bytes)
     chat = ChatCompletionRequest.model_validate(body)
     agent = agent_id_of(request, body)
-    messages, grammar, tools_on = prepare(chat)
+    prompt, grammar = prepare(chat)
     params = GenerationParams(
         max_tokens=capped_max_tokens(request, chat.requested_max_tokens()),
         sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
         stop=chat.stop_strings(), grammar=grammar, logprobs=chat.requested_logprobs())
-    items = server.service.generate(agent, messages, params, chat.model, request_id_of(request),
+    items = server.service.generate(agent, prompt, params, chat.model, request_id_of(request),
                                     tenant_of(request))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     admitted = await wait_admitted(items)
     if not chat.stream:
         done = await collect(items)
-        message, finish = _message(done.text, done.outcome, tools_on)
+        message, finish = _message(done.text, done.outcome, admitted.context)
         logprobs = ({"content": [logprob_entry(i) for i in done.logprobs]}
                     if chat.logprobs else None)
         return JSONResponse({
@@ -179,13 +182,13 @@ async def chat_completions(request: Request) -> Response:
         })
     include_usage = chat.include_usage()
     return StreamingResponse(
-        _sse(items, completion_id, created, admitted, include_usage, tools_on),
+        _sse(items, completion_id, created, admitted, include_usage),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
                completion_id: str, created: int, admitted: Admitted, include_usage: bool,
-               tools_on: bool) -> AsyncIterator[str]:
+               ) -> AsyncIterator[str]:
     pending: list[TokenLogprob] = []  # log-probabilities ride on the next chunk
 
     def chunk(delta: dict[str, Any], finish: str | None = None,
@@ -202,7 +205,7 @@ async def _sse(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
-    answer = t.OutputStream() if tools_on else None
+    answer = admitted.context.stream("call_") if admitted.context else None
     called = False
     yield chunk({"role": "assistant", "content": ""})
     async with aclosing(relay(items)) as relayed:
@@ -226,7 +229,7 @@ async def _sse(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
     yield "data: [DONE]\n\n"
 
 
-def _deltas(answer: t.OutputStream | None, text: str) -> list[dict[str, Any]]:
+def _deltas(answer: Any, text: str) -> list[dict[str, Any]]:
     """The chunks' deltas for a piece of the answer: its text, or tool-call pieces."""
     if answer is None:
         return [{"content": text}]

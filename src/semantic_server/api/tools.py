@@ -1,6 +1,8 @@
-"""Tools and structured output, as both chat APIs (OpenAI's and Anthropic's) take them.
+"""Tools, as both chat APIs (OpenAI's and Anthropic's) take them, in the format the
+admitted model's chat template calls for.
 
-Neither model served here has a chat template that takes tools, so every model gets one
+A template that takes ``tools`` and writes Hermes-style ``<tool_call>`` blocks (Qwen,
+Hermes, SmolLM3...) gets its own format (``hermes_tools.py``). Every other model gets one
 documented generic format (README, "Tools"), as llama.cpp does for templates without
 native tool calling:
 
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from semantic_server.engine.constraints import json_schema_grammar
+from semantic_server.engine.service import Grammar, Rendered, Renderer
 from semantic_server.errors import InvalidRequest
 
 COMPACT = (",", ":")
@@ -65,6 +69,18 @@ class ToolCall:
     id: str
     name: str
     arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation with tools, whatever API it came in: a system, user or
+    assistant text, an assistant's tool calls, or a tool's result."""
+
+    role: str  # "system", "user", "assistant" or "tool"
+    content: str = ""
+    calls: tuple[ToolCall, ...] = ()  # an assistant's
+    call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None  # a tool result: the tool's name
 
 
 def new_call_id(prefix: str = "call_") -> str:
@@ -130,13 +146,30 @@ def result_text(call_id: str, name: str, content: str) -> str:
 
 def with_tools(messages: list[dict[str, str]], tools: list[Tool]) -> list[dict[str, str]]:
     """``messages`` with the tools described at the end of the system turn (a system turn
-    is added when there is none)."""
+    is added when there is none); unchanged without tools."""
+    if not tools:
+        return messages
     block = system_text(tools)
     if messages and messages[0]["role"] == "system":
         head = messages[0]["content"]
         return [{"role": "system", "content": f"{head}\n\n{block}" if head else block},
                 *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
+
+
+def generic_messages(turns: list[Turn], tools: list[Tool]) -> list[dict[str, str]]:
+    """The conversation as template messages in the generic format."""
+    messages = []
+    for turn in turns:
+        if turn.role == "tool":
+            messages.append({"role": "user", "content": result_text(
+                turn.call_id or "", turn.name or "", turn.content)})
+        elif turn.role == "assistant":
+            messages.append({"role": "assistant", "content": calls_text(list(turn.calls))
+                             if turn.calls else reply_text(turn.content)})
+        else:
+            messages.append({"role": turn.role, "content": turn.content})
+    return with_tools(messages, tools)
 
 
 @dataclass(frozen=True)
@@ -338,3 +371,46 @@ class OutputStream:
         piece, self.buffer = self.buffer, ""
         if piece:
             yield ArgumentsDelta(self.calls, piece)
+
+
+# ---- the format of the admitted model -------------------------------------------------------
+class GenericFormat:
+    """The generic format (this module's functions) behind the interface every format has."""
+
+    name = "generic"
+
+    def render(self, turns: list[Turn], tools: list[Tool],
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        return generic_messages(turns, tools), {}
+
+    def grammar(self, tools: list[Tool], choice: ToolChoice) -> str:
+        return json_schema_grammar(output_schema(tools, choice))
+
+    def parse(self, text: str, id_prefix: str) -> Answer:
+        return parse_answer(text, id_prefix)
+
+    def stream(self, id_prefix: str) -> OutputStream:
+        return OutputStream(id_prefix)
+
+
+def answer_format(tokenizer: Any) -> Any:
+    """The tool format of a model: its template's own when we know it, else the generic."""
+    from semantic_server.api.hermes_tools import HermesFormat
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return HermesFormat() if HermesFormat.fits(template) else GenericFormat()
+
+
+def renderer(turns: list[Turn], tools: list[Tool], choice: ToolChoice) -> Renderer:
+    """The prompt and answer grammar of a conversation with tools, made for whichever model
+    the request is admitted to; ``Admitted.context`` is the format that reads the answer."""
+    def render(tokenizer: Any) -> Rendered:
+        fmt = answer_format(tokenizer)
+        messages, template_args = fmt.render(turns, tools)
+        try:
+            grammar = fmt.grammar(tools, choice)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"tools cannot be used: {exc}", param="tools") from exc
+        return Rendered(messages, template_args, Grammar(grammar, "tools"), fmt)
+
+    return render

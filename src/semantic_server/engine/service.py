@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,6 +76,23 @@ Prompt = list[dict[str, Any]] | str | list[int]
 
 
 @dataclass(frozen=True)
+class Rendered:
+    """A prompt made for the model a request runs on: its messages (or text, or ids), the
+    chat template's extra arguments, the grammar its answer must follow, and what the
+    caller needs to read that answer (returned in ``Admitted.context``)."""
+
+    prompt: Prompt
+    template_args: dict[str, Any] = field(default_factory=dict)
+    grammar: Grammar | None = None
+    context: Any = None
+
+
+# A prompt that depends on the model (tools take each template's own format): called with
+# the admitted model's tokenizer, off the event loop.
+Renderer = Callable[[Any], Rendered]
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """One generated token's log-probability and the most likely alternatives; yielded
     before the text the token adds, when the request asked for log-probabilities."""
@@ -93,6 +110,7 @@ class Admitted:
     model_id: str
     prompt_tokens: int
     cached_tokens: int
+    context: Any = None  # what a Renderer returned for the caller
 
 
 @dataclass
@@ -179,15 +197,18 @@ class _AgentLock:
     count: int = 0
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_args: Any,
+                  ) -> list[int]:
     """Token ids of ``messages`` through the model's chat template."""
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  **template_args))
     except (ValueError, TypeError, TemplateError) as exc:  # no template, or it refused these
         raise InvalidRequest(f"the loaded model cannot format these messages: {exc}") from exc
 
 
-def tokenize(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
+def tokenize(tokenizer: Any, prompt: Prompt, vocab_size: int,
+             template_args: dict[str, Any] | None = None) -> list[int]:
     """The token ids of any kind of prompt; an empty one or an unknown id is a 400."""
     if isinstance(prompt, str):
         ids = list(tokenizer.encode(prompt))
@@ -196,7 +217,7 @@ def tokenize(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
             raise InvalidRequest(f"token ids must be in 0..{vocab_size - 1}", param="prompt")
         ids = list(prompt)
     else:
-        ids = render_prompt(tokenizer, prompt)
+        ids = render_prompt(tokenizer, prompt, **(template_args or {}))
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
     return ids
@@ -299,7 +320,7 @@ class GenerationService:
         if not any(entry.model_id == model_id for entry in self.catalog.available()):
             raise ModelNotFound(f"model {model_id!r} does not exist")
 
-    async def generate(self, agent_id: str | None, prompt: Prompt,
+    async def generate(self, agent_id: str | None, prompt: Prompt | Renderer,
                        params: GenerationParams, model_id: str | None = None,
                        request_id: str | None = None, tenant: str | None = None,
                        ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
@@ -337,7 +358,7 @@ class GenerationService:
             if users.count == 0:
                 self._agent_locks.pop(agent_id, None)
 
-    async def _run(self, agent_id: str | None, request: Prompt,
+    async def _run(self, agent_id: str | None, request: Prompt | Renderer,
                    params: GenerationParams, model_id: str | None, request_id: str | None,
                    tenant: str | None) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
         loaded = self.engine.loaded
@@ -346,14 +367,17 @@ class GenerationService:
         if model_id is not None and model_id != loaded.model_id:
             raise ModelNotLoaded(f"model {model_id!r} is available but not loaded (loaded: "
                                  f"{loaded.model_id}); swap to it first")
-        prompt = await asyncio.to_thread(tokenize, loaded.tokenizer, request, vocab_size(loaded))
+        rendered = (await asyncio.to_thread(request, loaded.tokenizer) if callable(request)
+                    else Rendered(request, grammar=params.grammar))
+        prompt = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
+                                         vocab_size(loaded), rendered.template_args)
         limit = self._context_limit(loaded.config)
         if len(prompt) >= limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt)} tokens; this model's context is {limit} tokens")
         processor = None
-        if params.grammar is not None:
-            processor = await asyncio.to_thread(grammar_processor, loaded, params.grammar)
+        if rendered.grammar is not None:
+            processor = await asyncio.to_thread(grammar_processor, loaded, rendered.grammar)
         outcome = Outcome(loaded.model_id, prompt_tokens=len(prompt))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -375,7 +399,8 @@ class GenerationService:
                     self.queued -= 1
                 if isinstance(event, Started):
                     outcome.cached_tokens = event.cached_tokens
-                    yield Admitted(loaded.model_id, len(prompt), event.cached_tokens)
+                    yield Admitted(loaded.model_id, len(prompt), event.cached_tokens,
+                                   rendered.context)
                 elif isinstance(event, TokenOut):
                     if outcome.ttft_seconds is None:
                         outcome.ttft_seconds = time.perf_counter() - outcome.started
