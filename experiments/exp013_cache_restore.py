@@ -61,9 +61,9 @@ def main() -> None:
                   f"hot {hot.ttft:7.3f} s (cached {hot.cached})", flush=True)
         harness.swap(away)
         harness.swap(SMOLLM2)
-        tag = harness.server.store.tag
+        tag = harness.server.snapshot().tag
         for length, (agent, messages, hot, cold) in conversations.items():
-            path = harness.cache_dir / tag.digest / agent_file_name(agent)
+            path = harness.cache_dir / tag / agent_file_name(agent)
             size = path.stat().st_size
             cache_load, plain = harness.run(harness.server.engine.on_thread(
                 lambda p=path: read_seconds(p)))

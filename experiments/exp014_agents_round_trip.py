@@ -106,8 +106,7 @@ class Ours:
         agents = httpx.get(f"{self.url}/admin/agents", headers={"X-Admin-Key": KEY},
                            timeout=60).json()
         return {"hot_bytes": sum(a["bytes"] for a in agents["hot"]),
-                "pool_used_bytes": pool["used_blocks"] * pool["budget_bytes"]
-                // pool["capacity_blocks"],
+                "pool_used_bytes": pool["used_bytes"],
                 "hot_agents": len(agents["hot"]), "cold_agents": len(agents["cold"]),
                 "budget_bytes": pool["budget_bytes"]}
 

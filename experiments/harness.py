@@ -27,6 +27,7 @@ from semantic_server.blas import blas_status
 from semantic_server.config import Settings
 from semantic_server.engine.jobs import SamplingParams
 from semantic_server.engine.service import GenerationParams, Outcome
+from semantic_server.swap.orchestrator import SwapMode
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -110,8 +111,9 @@ class Harness:
             return await asyncio.gather(*(self._turn(a, m, max_tokens) for a, m in requests))
         return self.run(all_turns())
 
-    def swap(self, model_id: str) -> dict[str, Any]:
-        result = self.run(self.server.orchestrator.swap(model_id, 600)).as_dict()
+    def swap(self, model_id: str, mode: SwapMode = SwapMode.SEQUENTIAL) -> dict[str, Any]:
+        """Swap in process; sequential unless asked (EXP-011..013 measure the eight steps)."""
+        result = self.run(self.server.orchestrator.swap(model_id, 600, mode)).as_dict()
         if result["status"] != "success":
             raise RuntimeError(f"swap to {model_id} failed: {result['message']}")
         return result

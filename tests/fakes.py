@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,18 @@ from semantic_server.engine.service import Admitted, GenerationParams, Generatio
 from semantic_server.errors import ModelLoadError
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
-from semantic_server.models.registry import LoadedModel, LoadStats, MemorySnapshot, UnloadStats
+from semantic_server.models.registry import (
+    LoadedModel,
+    LoadStats,
+    MemorySnapshot,
+    Prepared,
+    UnloadStats,
+    run_slices,
+)
 from semantic_server.models.tag import ModelTag
 
 EOS = 0
+WEIGHT_BYTES = 2**20  # what a fake model's weights count for in the memory budget
 HEAD_DIM = 8
 CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
           "hidden_size": HEAD_DIM, "max_position_embeddings": 4096, "vocab_size": 0x110000}
@@ -79,6 +88,7 @@ class FakeModel:
     ``step_gate``: when set, decoding waits for it (requests stay in flight on purpose).
     ``step_fault``: raised by the next decoding step (a fault injected into the engine).
     ``window``: its second layer slides over this many tokens (its cache can wrap).
+    ``unhealthy``: it loads, but its health check fails.
     """
 
     reply: str = "Hello!"
@@ -87,6 +97,8 @@ class FakeModel:
     step_gate: threading.Event | None = None
     step_fault: BaseException | None = None
     window: int | None = None
+    weight_bytes: int = WEIGHT_BYTES  # what the memory budget counts for it, once loaded
+    unhealthy: bool = False  # loads, but fails the dual path's health check
     loads: int = 0
     unloads: int = 0
 
@@ -108,46 +120,56 @@ class FakeRegistry:
     def __init__(self, catalog: ModelCatalog, models: dict[str, FakeModel]) -> None:
         self.catalog = catalog
         self.models = models
-        self.current: LoadedModel | None = None
+        self.resident: list[LoadedModel] = []
 
     def kv_dtype_name(self, config: dict[str, Any]) -> str:
         return "float32"
 
+    def prepare(self, model_id: str) -> Prepared:
+        return Prepared(model_id, self.catalog.resolve(model_id), dict(CONFIG), FakeTokenizer())
+
     def load(self, model_id: str) -> LoadedModel:
-        if self.current is not None:
-            raise RuntimeError(f"{self.current.model_id} is loaded: unload it first")
-        path = self.catalog.resolve(model_id)
-        spec = self.models[model_id]
+        return run_slices(self.load_slices(self.prepare(model_id)))
+
+    def load_slices(self, prepared: Prepared) -> Generator[None, None, LoadedModel]:
+        """A load that waits (slice by slice, never blocking the engine) for its gate."""
+        spec = self.models[prepared.model_id]
         spec.loads += 1
-        if spec.load_gate is not None:
-            spec.load_gate.wait(timeout=30)
+        while spec.load_gate is not None and not spec.load_gate.wait(timeout=0.001):
+            yield
         if spec.load == "fail":
-            raise ModelLoadError(f"could not load {model_id!r}: broken on purpose")
+            raise ModelLoadError(f"could not load {prepared.model_id!r}: broken on purpose")
         if spec.load == "nan":
             raise ModelLoadError("warm-up produced non-finite logits")
         snapshot = MemorySnapshot(0, 0, 0)
-        self.current = LoadedModel(model_id, path, spec, FakeTokenizer(), dict(CONFIG),
-                                   ModelTag(model_id, f"fp-{model_id}", spec.dims),
-                                   LoadStats(0.0, snapshot, snapshot))
-        return self.current
+        loaded = LoadedModel(prepared.model_id, prepared.path, spec, prepared.tokenizer,
+                             prepared.config,
+                             ModelTag(prepared.model_id, f"fp-{prepared.model_id}", spec.dims),
+                             LoadStats(0.0, snapshot, snapshot), spec.weight_bytes)
+        self.resident.append(loaded)
+        return loaded
 
-    def unload(self) -> UnloadStats:
-        if self.current is None:
-            raise RuntimeError("no model is loaded")
-        self.models[self.current.model_id].unloads += 1
+    def health_check(self, loaded: LoadedModel) -> Generator[None, None, None]:
+        yield
+        if loaded.model.unhealthy:
+            raise ModelLoadError("the health check produced non-finite logits")
+
+    def unload(self, loaded: LoadedModel) -> UnloadStats:
+        self.resident.remove(loaded)
+        self.models[loaded.model_id].unloads += 1
         snapshot = MemorySnapshot(0, 0, 0)
-        unloaded = UnloadStats(self.current.model_id, 0.0, snapshot, snapshot)
-        self.current = None
-        return unloaded
+        return UnloadStats(loaded.model_id, 0.0, snapshot, snapshot)
 
 
 def write_model_dirs(root: Path, model_ids: list[str]) -> Path:
-    """Folders the real catalog lists: a config.json and an (empty) weights file each."""
+    """Folders the real catalog lists: a config.json and a weights file each (of
+    ``WEIGHT_BYTES`` zeros, which the swap's preflight weighs against the memory budget)."""
     for model_id in model_ids:
         folder = root / model_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(CONFIG))
-        (folder / "model.safetensors").write_bytes(b"")
+        with (folder / "model.safetensors").open("wb") as weights:
+            weights.truncate(WEIGHT_BYTES)  # sparse: sized for the memory budget, no data
     return root
 
 

@@ -42,6 +42,7 @@ from semantic_server.engine.batch_engine import (
 )
 from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.service import GenerationService
+from semantic_server.engine.versions import ModelVersions
 from semantic_server.errors import CacheWriteError, SemanticServerError
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.registry import ModelRegistry
@@ -63,17 +64,26 @@ class ServerContext:
     pool: BlockPool
     store: AgentCacheStore
     gate: AdmissionGate
+    versions: ModelVersions
     service: GenerationService
     orchestrator: ModelSwapOrchestrator
     metrics: Metrics
 
     def snapshot(self) -> ServerSnapshot:
-        return take_snapshot(self.engine, self.gate, self.pool, self.store)
+        return take_snapshot(self.engine, self.gate, self.versions, self.pool, self.store,
+                             self.orchestrator)
 
 
 def kv_budget(settings: Settings) -> int:
     """The configured KV budget, or a quarter of the memory free at startup."""
     return settings.kv_budget_bytes or psutil.virtual_memory().available // 4
+
+
+def memory_budget(settings: Settings, kv_bytes: int) -> int:
+    """The configured memory budget for model weights, or three quarters of RAM less the
+    KV budget."""
+    return settings.memory_budget_bytes or max(
+        1, psutil.virtual_memory().total * 3 // 4 - kv_bytes)
 
 
 def disk_budget(settings: Settings) -> int:
@@ -105,12 +115,14 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
                          shared_prefix_bytes=pool.budget_bytes // 8,
                          make_generator=make_generator)
     gate = AdmissionGate(settings.swap_hold_seconds)
-    metrics = Metrics(lambda: take_snapshot(engine, gate, pool, store))
-    service = GenerationService(engine, gate, catalog, metrics, settings.max_context_tokens,
-                                settings.max_queued)
-    orchestrator = ModelSwapOrchestrator(catalog=catalog, registry=registry, engine=engine,
-                                         pool=pool, store=store, gate=gate, observer=metrics,
-                                         block_tokens=settings.block_tokens)
+    versions = ModelVersions()
+    metrics = Metrics(lambda: take_snapshot(engine, gate, versions, pool, store, orchestrator))
+    service = GenerationService(engine, gate, versions, catalog, metrics,
+                                settings.max_context_tokens, settings.max_queued)
+    orchestrator = ModelSwapOrchestrator(
+        catalog=catalog, registry=registry, engine=engine, store=store, gate=gate,
+        versions=versions, observer=metrics, block_tokens=settings.block_tokens,
+        memory_budget_bytes=memory_budget(settings, pool.budget_bytes))
     engine.start()
     log.info("BLAS: %s", blas_status().detail)
     try:
@@ -118,11 +130,12 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     except BaseException:
         engine.shutdown()
         raise
-    log.info("serving %s (load %.2f s; KV budget %d MiB = %d blocks of %d tokens; disk "
-             "budget %d MiB)", loaded.model_id, loaded.stats.seconds, pool.budget_bytes // 2**20,
-             pool.capacity, pool.block_tokens, store.disk_budget_bytes // 2**20)
-    return ServerContext(settings, catalog, registry, engine, pool, store, gate, service,
-                         orchestrator, metrics)
+    log.info("serving %s (load %.2f s; KV budget %d MiB in blocks of %d tokens; memory "
+             "budget %d MiB; disk budget %d MiB)", loaded.model_id, loaded.stats.seconds,
+             pool.budget_bytes // 2**20, pool.block_tokens,
+             orchestrator.memory_budget_bytes // 2**20, store.disk_budget_bytes // 2**20)
+    return ServerContext(settings, catalog, registry, engine, pool, store, gate, versions,
+                         service, orchestrator, metrics)
 
 
 async def stop_server(server: ServerContext) -> None:

@@ -106,12 +106,15 @@ def _status(args: argparse.Namespace, settings: Settings) -> None:
             ["dims", f"{dims.get('n_layers')} layers x {dims.get('n_kv_heads')} KV heads x "
                      f"{dims.get('head_dim')} ({dims.get('kv_dtype')})"],
             ["cache tag", str(current["tag"])],
-            ["KV pool", f"{pool['used_blocks']}/{pool['capacity_blocks']} blocks of "
-                        f"{pool['block_tokens']} tokens"],
+            ["KV pool", f"{mib(pool['used_bytes'])} hot + {mib(pool['reserved_bytes'])} "
+                        f"reserved of {mib(pool['budget_bytes'])} (blocks of "
+                        f"{pool['block_tokens']} tokens)"],
             ["agent caches", f"{caches['hot_agents']} hot ({mib(caches['hot_bytes'])}), "
                              f"{caches['cold_agents']} on disk ({mib(caches['cold_bytes'])} of "
                              f"{mib(caches['disk_budget_bytes'])} budget)"],
             ["MLX active", f"{current['memory']['mlx_active_bytes'] / 2**20:.0f} MiB"],
+            ["memory budget", f"{mib(current['memory']['budget_bytes'])} for model weights "
+                              "(a swap that fits beside loads beside)"],
             ["RSS", f"{current['memory']['rss_bytes'] / 2**20:.0f} MiB"]]
     if current.get("reason"):
         rows.append(["reason", current["reason"]])

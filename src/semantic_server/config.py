@@ -95,3 +95,7 @@ class Settings(BaseSettings):
         None, description="X-Admin-Key for /admin; unset turns the admin API off (403).")
     swap_hold_seconds: float = Field(
         120.0, gt=0, description="How long a request waits for a swap before a 503.")
+    memory_budget_bytes: int | None = Field(
+        None, gt=0, description="Memory for model weights. A swap whose target fits beside "
+        "the serving model within it loads the target beside it and nobody waits (the dual "
+        "path); default three quarters of RAM less the KV budget.")

@@ -27,6 +27,10 @@ class ModelInvalid(SemanticServerError):
     """A model's files are present but unusable (bad config, wrong shapes)."""
 
 
+class ModelTooLarge(SemanticServerError):
+    """A model does not fit the memory budget (at all, or beside the serving model)."""
+
+
 class InvalidRequest(SemanticServerError):
     """The request is malformed or asks for something not allowed; ``param`` names the field."""
 

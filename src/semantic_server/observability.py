@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from semantic_server.swap.orchestrator import SwapResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+PAUSE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1)
 
 
 def hash_agent(agent_id: str | None) -> str | None:
@@ -46,14 +47,20 @@ class Metrics:
 
     def __init__(self, read_snapshot: Callable[[], ServerSnapshot]) -> None:
         self.registry = CollectorRegistry()
-        self.swaps = Counter("semantic_swaps", "Model swaps by result", ["result"],
-                             registry=self.registry)
+        self.swaps = Counter("semantic_swaps", "Model swaps by result and path",
+                             ["result", "mode"], registry=self.registry)
+        self.promotion_pause = Histogram(
+            "semantic_swap_promotion_pause_seconds", "How long a dual swap's promotion kept "
+            "new requests from being admitted", buckets=PAUSE_BUCKETS, registry=self.registry)
         self.swap_steps = Histogram("semantic_swap_step_seconds", "Duration of each swap step",
                                     ["step"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        # A model version is its weights' fingerprint: a bounded label, unlike a load count.
         self.ttft = Histogram("semantic_request_ttft_seconds", "Time to first token",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+                              ["model", "fingerprint"], buckets=LATENCY_BUCKETS,
+                              registry=self.registry)
         self.latency = Histogram("semantic_request_seconds", "Request latency, end to end",
-                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+                                 ["model", "fingerprint"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
         self.tokens = Counter("semantic_tokens", "Tokens by kind", ["kind"],
                               registry=self.registry)
         self.registry.register(_StateCollector(read_snapshot))
@@ -62,12 +69,15 @@ class Metrics:
         self.tokens.labels("prompt").inc(outcome.prompt_tokens)
         self.tokens.labels("cached").inc(outcome.cached_tokens)
         self.tokens.labels("generated").inc(outcome.completion_tokens)
+        version = (outcome.model_id, outcome.fingerprint)
         if outcome.ttft_seconds is not None:
-            self.ttft.labels(outcome.model_id).observe(outcome.ttft_seconds)
-        self.latency.labels(outcome.model_id).observe(outcome.seconds)
+            self.ttft.labels(*version).observe(outcome.ttft_seconds)
+        self.latency.labels(*version).observe(outcome.seconds)
 
     def swap_finished(self, result: SwapResult) -> None:
-        self.swaps.labels(result.status.value).inc()
+        self.swaps.labels(result.status.value, result.mode.value).inc()
+        if result.promotion_pause_ms is not None:
+            self.promotion_pause.observe(result.promotion_pause_ms / 1e3)
         for step in (*result.steps, *result.rollback_steps):
             self.swap_steps.labels(step.name.value).observe(step.duration_ms / 1e3)
 
@@ -101,12 +111,15 @@ class _StateCollector(Collector):
              {("hot",): caches.hot_agents, ("cold",): caches.cold_agents}),
             ("semantic_agent_cache_bytes", "Bytes of agent caches, by residency", ["residency"],
              {("hot",): caches.hot_bytes, ("cold",): caches.cold_bytes}),
-            ("semantic_kv_blocks", "KV pool blocks", ["state"],
-             {("used",): state.pool.used_blocks, ("reserved",): state.pool.reserved_blocks,
-              ("free",): state.pool.capacity_blocks - state.pool.used_blocks
-              - state.pool.reserved_blocks}),
-            ("semantic_requests_in_flight", "Requests running", ["model"],
-             {(state.model_id or "none",): state.in_flight}),
+            ("semantic_kv_bytes", "KV pool bytes", ["state"],
+             {("used",): state.pool.used_bytes, ("reserved",): state.pool.reserved_bytes,
+              ("free",): state.pool.budget_bytes - state.pool.used_bytes
+              - state.pool.reserved_bytes}),
+            ("semantic_requests_in_flight", "Requests running", [],
+             {(): state.in_flight}),
+            ("semantic_requests_pinned", "Requests pinned to each resident model version",
+             ["model", "state"],
+             {(v.model_id, v.state): v.pinned for v in state.versions}),
             ("semantic_requests_held", "Requests waiting for a swap or their agent's lock",
              [], {(): state.held}),
             ("semantic_requests_queued", "Requests waiting for a batch slot or KV room", [],

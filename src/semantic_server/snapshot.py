@@ -9,25 +9,39 @@ take one at any time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore, Lookup, Residency
 from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_file import CacheTag
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.gate import DEGRADED_PUBLIC, AdmissionGate, ServerState
 from semantic_server.engine.service import ENGINE_STOPPED_PUBLIC
+from semantic_server.engine.versions import ModelVersions
 from semantic_server.models.dims import ModelDims
 from semantic_server.models.registry import MemorySnapshot
+
+if TYPE_CHECKING:  # the orchestrator is above the snapshot (it reports, never reads it)
+    from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 
 @dataclass(frozen=True)
 class PoolState:
     budget_bytes: int
-    capacity_blocks: int
-    used_blocks: int  # hot agent caches
-    reserved_blocks: int  # running requests and the anonymous prefix cache
+    used_bytes: int  # hot agent caches
+    reserved_bytes: int  # running requests and the anonymous prefix caches
     block_tokens: int
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """A resident model version and the requests pinned to it."""
+
+    model_id: str
+    version: int
+    state: str  # serving | retiring
+    pinned: int
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,9 @@ class ServerSnapshot:
     dims: ModelDims | None
     tag: str | None  # digest of the active cache tag
     fingerprint: str | None
+    versions: tuple[VersionState, ...]
+    swapping: str | None  # the path of the swap in progress (dual | sequential), if any
+    memory_budget_bytes: int
     in_flight: int
     held: int
     active_sequences: int
@@ -61,13 +78,15 @@ class ServerSnapshot:
             "dims": self.dims.as_dict() if self.dims else None,
             "tag": self.tag,
             "fingerprint": self.fingerprint,
+            "swapping": self.swapping,
+            "versions": [vars(v) for v in self.versions],
             "memory": {"mlx_active_bytes": self.memory.active_bytes,
                        "mlx_peak_bytes": self.memory.peak_bytes,
-                       "rss_bytes": self.memory.rss_bytes},
+                       "rss_bytes": self.memory.rss_bytes,
+                       "budget_bytes": self.memory_budget_bytes},
             "kv_pool": {"budget_bytes": self.pool.budget_bytes,
-                        "capacity_blocks": self.pool.capacity_blocks,
-                        "used_blocks": self.pool.used_blocks,
-                        "reserved_blocks": self.pool.reserved_blocks,
+                        "used_bytes": self.pool.used_bytes,
+                        "reserved_bytes": self.pool.reserved_bytes,
                         "block_tokens": self.pool.block_tokens},
             "caches": {"hot_agents": self.caches.hot_agents, "hot_bytes": self.caches.hot_bytes,
                        "cold_agents": self.caches.cold_agents,
@@ -79,10 +98,11 @@ class ServerSnapshot:
         }
 
 
-def take_snapshot(engine: BatchEngine, gate: AdmissionGate, pool: BlockPool,
-                  store: AgentCacheStore) -> ServerSnapshot:
-    loaded = engine.loaded
-    tag = store.tag
+def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
+                  pool: BlockPool, store: AgentCacheStore,
+                  orchestrator: ModelSwapOrchestrator) -> ServerSnapshot:
+    loaded = versions.loaded
+    tag = CacheTag.for_model(loaded.tag, pool.block_tokens) if loaded else None
     state, reason, public = gate.state, gate.degraded_reason or None, DEGRADED_PUBLIC
     if engine.failure is not None:
         state, reason = ServerState.DEGRADED, f"the engine thread stopped: {engine.failure}"
@@ -96,12 +116,16 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, pool: BlockPool,
         dims=loaded.dims if loaded else None,
         tag=tag.digest if tag else None,
         fingerprint=loaded.tag.fingerprint if loaded else None,
+        versions=tuple(VersionState(model_id, version, "serving" if loaded and
+                                    version == loaded.version else "retiring", pins)
+                       for version, (model_id, pins) in versions.pinned().items()),
+        swapping=orchestrator.swapping.value if orchestrator.swapping else None,
+        memory_budget_bytes=orchestrator.memory_budget_bytes,
         in_flight=gate.in_flight,
         held=gate.held,
         active_sequences=engine.active_jobs,
         queued=engine.queued_jobs,
-        pool=PoolState(pool.budget_bytes, pool.capacity, pool.used, pool.reserved,
-                       pool.block_tokens),
+        pool=PoolState(pool.budget_bytes, pool.used, pool.reserved, pool.block_tokens),
         caches=store.residency(),
         lookups={outcome: store.lookups.get(outcome, 0) for outcome in Lookup},
         write_failures=store.write_failures,

@@ -18,6 +18,12 @@ HISTORY = (
 ) * 30
 
 
+SEQUENTIAL_STEPS = ["drain", "evict", "shutdown", "unload", "load", "reconfigure", "retag",
+                    "reinit"]
+DUAL_STEPS = ["load", "warm", "reconfigure", "retag", "promote", "retire", "evict",
+              "shutdown", "unload"]
+
+
 def swap(server: ServerProcess, model_id: str, **extra) -> httpx.Response:
     return httpx.post(f"{server.url}/admin/models/swap", json={"model_id": model_id, **extra},
                       headers=ADMIN, timeout=600)

@@ -40,12 +40,15 @@ def test_metrics_logs_and_request_ids(models_dir, tmp_path):
         assert value(after_turns, "semantic_tokens_total", kind="generated") >= 2
         assert value(after_turns, "semantic_request_ttft_seconds_count", model=SMOLLM2) == 2
         assert value(after_turns, "semantic_agents", residency="hot") == 1
-        assert value(after_turns, "semantic_kv_blocks", state="used") >= 1
+        assert value(after_turns, "semantic_kv_bytes", state="used") > 0
+        assert value(after_turns, "semantic_requests_pinned", model=SMOLLM2,
+                     state="serving") == 0
         assert value(after_turns, "semantic_memory_bytes", kind="mlx_active") > 1e8
 
         assert swap(server, SMOLLM2).json()["status"] == "success"
         after_swap = scrape(server)
-        assert value(after_swap, "semantic_swaps_total", result="success") == 1
+        assert value(after_swap, "semantic_swaps_total", result="success", mode="dual") == 1
+        assert value(after_swap, "semantic_swap_promotion_pause_seconds_count") == 1
         assert value(after_swap, "semantic_swap_step_seconds_count", step="load") == 1
         assert value(after_swap, "semantic_agents", residency="cold") == 1
         assert value(after_swap, "semantic_agents", residency="hot") == 0

@@ -11,7 +11,15 @@ import pytest
 from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import agent_file_name
 from tests.conftest import GEMMA, SMOLLM2
-from tests.e2e.helpers import ADMIN, GREEDY, HISTORY, KEY, swap
+from tests.e2e.helpers import (
+    ADMIN,
+    DUAL_STEPS,
+    GREEDY,
+    HISTORY,
+    KEY,
+    SEQUENTIAL_STEPS,
+    swap,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,9 @@ def test_unknown_model_fails_preflight_without_pausing(swap_server):
     assert swap_server.health()["model"] == SMOLLM2
 
 
-@pytest.mark.parametrize(("home", "away"), [(SMOLLM2, GEMMA), (GEMMA, SMOLLM2)])
-def test_round_trip_restores_the_agent_cache(swap_server, home, away):
+@pytest.mark.parametrize(("home", "away", "mode", "steps"), [
+    (SMOLLM2, GEMMA, "dual", DUAL_STEPS), (GEMMA, SMOLLM2, "sequential", SEQUENTIAL_STEPS)])
+def test_round_trip_restores_the_agent_cache(swap_server, home, away, mode, steps):
     if swap_server.health()["model"] != home:
         assert swap(swap_server, home).json()["status"] == "success"
     agent = swap_server.client(f"expedition-agent-{home}")
@@ -60,13 +69,18 @@ def test_round_trip_restores_the_agent_cache(swap_server, home, away):
     reference = swap_server.client(f"expedition-reference-{home}").chat.completions.create(
         model=home, messages=messages, max_tokens=16, **GREEDY)
 
-    there = swap(swap_server, away)
+    there = swap(swap_server, away, mode=mode)
     assert there.status_code == 200, there.text
     body = there.json()
     assert body["status"] == "success" and body["evicted_agents"] >= 2
-    assert [s["name"] for s in body["steps"]] == ["drain", "evict", "shutdown", "unload",
-                                                 "load", "reconfigure", "retag", "reinit"]
+    assert body["mode"] == mode and [s["name"] for s in body["steps"]] == steps
     assert all(s["ok"] for s in body["steps"])
+    # The old model's memory is back: what is active is the new model's weights.
+    memory = httpx.get(f"{swap_server.url}/admin/models/current",
+                       headers=ADMIN).json()["memory"]
+    new_weights = body["memory"].get("weights_new") or body["memory"]["active_after_load"]
+    print(mode, "active after the swap", memory["mlx_active_bytes"], "new model", new_weights)
+    assert abs(memory["mlx_active_bytes"] - new_weights) <= 0.05 * new_weights
     listing = httpx.get(f"{swap_server.url}/admin/agents", headers=ADMIN).json()
     cold = {a["agent_id"]: a for a in listing["cold"] if a["model_id"] == home}
     assert cold[f"expedition-agent-{home}"]["tokens"] >= history_tokens - 1
@@ -77,7 +91,7 @@ def test_round_trip_restores_the_agent_cache(swap_server, home, away):
         max_tokens=4, **GREEDY)
     assert visit.model == away and visit.usage.prompt_tokens_details.cached_tokens == 0
 
-    back = swap(swap_server, home)
+    back = swap(swap_server, home, mode=mode)
     assert back.status_code == 200 and back.json()["status"] == "success", back.text
     resumed = agent.chat.completions.create(model=home, messages=messages, max_tokens=16,
                                             **GREEDY)

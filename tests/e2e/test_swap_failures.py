@@ -77,7 +77,7 @@ def test_failed_rollback_degrades_until_a_good_swap(fragile_server):
     # The loaded model's files go bad on disk: the model in memory still serves, but a
     # failed swap cannot roll back to it.
     (fragile_server.fragile / "model.safetensors").write_bytes(b"\x00" * 4096)
-    body = swap(fragile_server, "broken-weights").json()
+    body = swap(fragile_server, "broken-weights", mode="sequential").json()
     assert body["status"] == "degraded", body
     health = httpx.get(f"{fragile_server.url}/health", timeout=10)
     assert health.status_code == 503 and health.json()["state"] == "degraded"
@@ -120,7 +120,7 @@ def test_full_disk_during_eviction_rolls_back_and_loses_nothing(tmp_path):
         grown = turn("big", talks["big"])
         talks["small"].append({"role": "user", "content": "Still there?"})
         turn("small", talks["small"])
-        response = swap(server, SMOLLM2)
+        response = swap(server, SMOLLM2, mode="sequential")
         body = response.json()
         assert response.status_code == 507, body
         assert body["status"] == "aborted" and body["failed_step"] == "evict"

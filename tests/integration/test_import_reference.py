@@ -30,8 +30,7 @@ def test_logits_match_numpy_reference(model_id, models_dir, gguf_path):
     loaded = registry.load(model_id)
     tokens = loaded.tokenizer.encode(TEXT * repeats)
     ours = np.array(loaded.model(mx.array([tokens]))[0].astype(mx.float32))
-    del loaded
-    registry.unload()
+    registry.unload(loaded)
     reference = reference_logits(gguf_path(model_id), tokens)
     difference = float(np.abs(ours - reference).max())
     agree = ours.argmax(-1) == reference.argmax(-1)

@@ -21,8 +21,8 @@ from tests.conftest import GEMMA, SMOLLM2
 def registry(models_dir):
     registry = ModelRegistry(ModelCatalog(models_dir))
     yield registry
-    if registry.current is not None:
-        registry.unload()
+    for loaded in list(registry.resident):
+        registry.unload(loaded)
 
 
 def test_smollm2_answers_paris(registry):
@@ -66,8 +66,7 @@ def test_load_unload_cycles_return_memory(registry):
     baseline = MemorySnapshot.now()
     active, rss = [], []
     for cycle in range(4):
-        registry.load((SMOLLM2, GEMMA)[cycle % 2])
-        stats = registry.unload()
+        stats = registry.unload(registry.load((SMOLLM2, GEMMA)[cycle % 2]))
         active.append(stats.after.active_bytes)
         rss.append(stats.after.rss_bytes)
     print("baseline active", baseline.active_bytes, "rss", baseline.rss_bytes)

@@ -101,8 +101,8 @@ def test_health_status_and_metrics_read_one_snapshot(client):
     samples = _metrics(client)
     assert samples[("semantic_agents", (("residency", "hot"),))] == 1
     assert samples[("semantic_cache_lookups_total", (("outcome", "miss"),))] == 1
-    assert samples[("semantic_kv_blocks", (("state", "used"),))] == \
-        current["kv_pool"]["used_blocks"]
+    assert samples[("semantic_kv_bytes", (("state", "used"),))] == \
+        current["kv_pool"]["used_bytes"]
 
 
 def test_swap_outcomes_map_to_statuses_and_are_all_recorded(client, fake_models):
@@ -113,22 +113,26 @@ def test_swap_outcomes_map_to_statuses_and_are_all_recorded(client, fake_models)
         running = pool.submit(client.post, "/v1/chat/completions", json=CHAT)
         wait_for(lambda: client.get("/health").json()["active_sequences"], timeout=5)
         aborted = client.post("/admin/models/swap", headers=ADMIN,
-                              json={"model_id": "fake-a", "timeout_seconds": 0.05})
+                              json={"model_id": "fake-a", "timeout_seconds": 0.05,
+                                    "mode": "sequential"})
         fake_models["fake-b"].step_gate.set()
         assert running.result().json()["model"] == "fake-b"
     assert aborted.status_code == 504
     assert aborted.json()["status"] == "aborted" and aborted.json()["failed_step"] == "drain"
     fake_models["fake-a"].load = "fail"
-    rolled = client.post("/admin/models/swap", json={"model_id": "fake-a"}, headers=ADMIN)
+    rolled = client.post("/admin/models/swap", json={"model_id": "fake-a", "mode": "sequential"},
+                         headers=ADMIN)
     assert rolled.status_code == 500 and rolled.json()["status"] == "rolled_back"
     assert [s["name"] for s in rolled.json()["rollback_steps"]] == [
         "load", "reconfigure", "retag", "reinit"]
     history = client.get("/admin/swaps", headers=ADMIN).json()["data"]
     assert [h["status"] for h in history] == ["success", "aborted", "rolled_back"]
     samples = _metrics(client)
-    assert {outcome: samples[("semantic_swaps_total", (("result", outcome),))]
-            for outcome in ("success", "aborted", "rolled_back")} == {
-        "success": 1, "aborted": 1, "rolled_back": 1}
+    assert {(outcome, mode): samples[("semantic_swaps_total", (("mode", mode),
+                                                               ("result", outcome)))]
+            for outcome, mode in (("success", "dual"), ("aborted", "sequential"),
+                                  ("rolled_back", "sequential"))} == {
+        ("success", "dual"): 1, ("aborted", "sequential"): 1, ("rolled_back", "sequential"): 1}
 
 
 def test_admin_needs_its_key(client):
@@ -199,7 +203,7 @@ def test_a_request_held_past_the_limit_gets_503_with_retry_after(make_client, fa
     fake_models["fake-b"].load_gate = threading.Event()  # the swap's load hangs
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         swapping = pool.submit(client.post, "/admin/models/swap", headers=ADMIN,
-                               json={"model_id": "fake-b"})
+                               json={"model_id": "fake-b", "mode": "sequential"})
         wait_for(lambda: client.get("/health").json()["state"] == "swapping", timeout=5)
         held = client.post("/v1/chat/completions", json=CHAT)
         fake_models["fake-b"].load_gate.set()

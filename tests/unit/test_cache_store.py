@@ -44,18 +44,43 @@ def _layers(tokens: int, window: int = 16) -> list:
     return [glob, slide]
 
 
-def test_block_pool_counts_blocks_and_picks_lru_victims():
-    pool = BlockPool(budget_bytes=DIMS.bytes_per_token * 4 * 10, block_tokens=4, dims=DIMS)
-    assert pool.capacity == 10
+def _hot(store: AgentCacheStore) -> list[str]:
+    return [cache.agent_id for cache in store.hot_agents()]
+
+
+def test_block_pool_counts_whole_blocks_and_picks_lru_victims():
+    block = DIMS.bytes_per_token * 4
+    pool = BlockPool(budget_bytes=block * 10, block_tokens=4)
     # 40 tokens: the global layer holds 40, the sliding one 16 -> 56 layer-tokens of 64 bytes
-    assert pool.blocks_for(40) == 7
+    assert pool.bytes_for(DIMS, 40) == 7 * block
     for agent in ("a", "b", "c"):
-        pool.allocate(agent, pool.blocks_for(8))
-    assert pool.used == 6 and pool.free == 4
-    assert pool.victims_for(pool.blocks_for(20)) == ["a"]
-    assert pool.victims_for(pool.blocks_for(10_000)) is None
+        pool.allocate(agent, pool.bytes_for(DIMS, 8))
+    assert pool.used == 6 * block and pool.free == 4 * block
+    assert pool.victims_for(pool.bytes_for(DIMS, 20)) == ["a"]
+    assert pool.victims_for(pool.bytes_for(DIMS, 10_000)) is None
     with pytest.raises(RuntimeError):
-        pool.reconfigure(DIMS)
+        pool.allocate("d", 5 * block)
+
+
+def test_two_models_share_one_budget_and_never_each_others_caches(tmp_path):
+    # A model of twice the geometry beside TAG's: each cache counts in its own blocks.
+    wide = ModelDims(2, 2, 8, "float32", DIMS.layers)
+    wide_tag = CacheTag("wide", "d00d", 2, 2, 8, 4, "float32", (None, 16))
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4)
+    store = AgentCacheStore(pool, tmp_path)
+    store.add_model(TAG, DIMS)
+    store.add_model(wide_tag, wide)
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    assert pool.used == pool.bytes_for(DIMS, 8)
+    assert store.checkout(wide_tag, "a") is None  # a's cache is TAG's model's only
+    assert store.checkout(TAG, "a") is not None
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    with pytest.raises(RuntimeError, match="hot caches"):
+        store.remove_model(TAG)
+    assert store.evict_all(wide_tag) == [] and _hot(store) == ["a"]
+    assert store.evict_all(TAG) == ["a"] and pool.used == 0
+    store.remove_model(TAG)
+    assert (tmp_path / TAG.digest / agent_file_name("a")).exists()
 
 
 def test_cache_file_round_trip_trims_and_keeps_offsets(tmp_path):
@@ -83,60 +108,61 @@ def test_damaged_file_is_a_cache_file_error(tmp_path):
 
 
 def test_store_evicts_lru_to_disk_and_restores(tmp_path):
-    pool = BlockPool(budget_bytes=DIMS.bytes_per_token * 4 * 5, block_tokens=4, dims=DIMS)
+    pool = BlockPool(budget_bytes=DIMS.bytes_per_token * 4 * 5, block_tokens=4)
     store = AgentCacheStore(pool, tmp_path)
-    store.retag(TAG)
+    store.add_model(TAG, DIMS)
     for agent in ("a", "b", "c"):
-        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
-    assert list(store.hot_agents()) == ["b", "c"]  # "a" went to disk to make room
+        store.checkin(AgentCache(agent, _layers(8), list(range(8)), TAG))
+    assert _hot(store) == ["b", "c"]  # "a" went to disk to make room
     assert (tmp_path / TAG.digest / agent_file_name("a")).exists()
-    back = store.checkout("a")
+    back = store.checkout(TAG, "a")
     assert back is not None and back.tokens == list(range(8)) and store.lookups[Lookup.DISK] == 1
-    assert store.checkout("nobody") is None and store.lookups[Lookup.MISS] == 1
-    assert store.checkout("c") is not None and store.lookups[Lookup.HOT] == 1
+    assert store.checkout(TAG, "nobody") is None and store.lookups[Lookup.MISS] == 1
+    assert store.checkout(TAG, "c") is not None and store.lookups[Lookup.HOT] == 1
 
 
 def test_store_rejects_other_dims_and_quarantines(tmp_path):
-    pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4)
     store = AgentCacheStore(pool, tmp_path)
-    store.retag(TAG)
+    store.add_model(TAG, DIMS)
     other = CacheTag("other", "beef", 2, 1, 8, 4, "float32", (None, 32))
     write_cache(tmp_path / TAG.digest / agent_file_name("a"), other,
                 AgentCache("a", _layers(4, window=32), list(range(4))))
-    assert store.checkout("a") is None
+    assert store.checkout(TAG, "a") is None
     assert store.lookups[Lookup.REJECTED] == 1
     reasons = list((tmp_path / "quarantine").glob("*.reason.txt"))
     assert len(reasons) == 1 and "dims differ" in reasons[0].read_text()
 
 
 def test_disk_budget_deletes_the_oldest_cold_caches(tmp_path):
-    pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4)
     one_file = write_cache(tmp_path / "probe" / "x.safetensors", TAG,
                            AgentCache("x", _layers(8), list(range(8))))
     store = AgentCacheStore(pool, tmp_path / "caches", disk_budget_bytes=int(one_file * 2.5))
-    store.retag(TAG)
+    store.add_model(TAG, DIMS)
     for agent in ("a", "b", "c", "d"):
-        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+        store.checkin(AgentCache(agent, _layers(8), list(range(8)), TAG))
         store.evict_all()
     names = {p.name for p in store.cold_files()}
     assert names == {agent_file_name("c"), agent_file_name("d")}
 
 
 def test_evict_all_keeps_every_cache_hot_when_a_write_fails(tmp_path):
-    pool = BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS)
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4)
     store = AgentCacheStore(pool, tmp_path / "caches")
-    store.retag(TAG)
-    store.checkin(AgentCache("a", _layers(8), list(range(8))))
-    store.checkin(AgentCache("b", _layers(8), list(range(8))))
+    store.add_model(TAG, DIMS)
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    store.checkin(AgentCache("b", _layers(8), list(range(8)), TAG))
     # The tag's folder is a plain file, so every write fails (a real OSError).
     (tmp_path / "caches").mkdir()
     (tmp_path / "caches" / TAG.digest).write_text("in the way")
     with pytest.raises(CacheWriteError, match="2 of 2 agent caches"):
         store.evict_all()
-    assert sorted(store.hot_agents()) == ["a", "b"] and sorted(pool.agents()) == ["a", "b"]
+    assert sorted(_hot(store)) == ["a", "b"]
+    assert sorted(pool.agents()) == [(TAG.digest, "a"), (TAG.digest, "b")]
     assert store.write_failures == 2
     (tmp_path / "caches" / TAG.digest).unlink()
-    assert sorted(store.evict_all()) == ["a", "b"] and store.hot_agents() == {}
+    assert sorted(store.evict_all()) == ["a", "b"] and store.hot_agents() == []
     assert len(store.cold_files()) == 2
 
 
@@ -149,31 +175,31 @@ def _rewrite_metadata(path, **changes):
 def test_file_whose_state_does_not_fit_its_class_is_rejected_not_raised(tmp_path, layout):
     # Readable safetensors with a well-formed tag, but layer 0's state has lost its values
     # (or everything): the rebuild fails, and that must be a rejection like any damage.
-    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS), tmp_path)
-    store.retag(TAG)
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path)
+    store.add_model(TAG, DIMS)
     path = tmp_path / TAG.digest / agent_file_name("a")
     write_cache(path, TAG, AgentCache("a", _layers(6), list(range(6))))
     layouts = json.loads(mx.load(str(path), return_metadata=True)[1]["layouts"])
     _rewrite_metadata(path, layouts=json.dumps([layout, layouts[1]]))
     with pytest.raises(CacheFileError):
         read_cache(path)
-    assert store.checkout("a") is None and store.lookups[Lookup.REJECTED] == 1
+    assert store.checkout(TAG, "a") is None and store.lookups[Lookup.REJECTED] == 1
     assert not path.exists() and len(list((tmp_path / "quarantine").glob("*.reason.txt"))) == 1
 
 
 def test_a_bad_tag_file_is_skipped_by_dims_reuse(tmp_path):
     # Another model of the same dims left a cache and a tag file that is not JSON (a disk
     # that filled while it was written, before tag files were written atomically).
-    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS), tmp_path,
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path,
                             reuse="dims")
-    store.retag(TAG)
+    store.add_model(TAG, DIMS)
     twin = CacheTag("twin", "cafe", *TAG.shape_key()[:3], 4, "float32", (None, 16))
     for agent in ("a", "b"):
         write_cache(tmp_path / twin.digest / agent_file_name(agent), twin,
                     AgentCache(agent, _layers(6), list(range(6))))
-    assert store.checkout("a") is not None  # the twin's cache serves: same dims
+    assert store.checkout(TAG, "a") is not None  # the twin's cache serves: same dims
     (tmp_path / twin.digest / "tag.json").write_text("")
-    assert store.checkout("b") is None and store.lookups[Lookup.MISS] == 1
+    assert store.checkout(TAG, "b") is None and store.lookups[Lookup.MISS] == 1
     assert (tmp_path / twin.digest / agent_file_name("b")).exists()  # skipped, not rejected
     # The next write into that folder repairs its tag file.
     write_cache(tmp_path / twin.digest / agent_file_name("c"), twin,
@@ -182,9 +208,9 @@ def test_a_bad_tag_file_is_skipped_by_dims_reuse(tmp_path):
 
 
 def _store(tmp_path, **kwargs) -> AgentCacheStore:
-    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS),
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4),
                             tmp_path, **kwargs)
-    store.retag(TAG)
+    store.add_model(TAG, DIMS)
     return store
 
 
@@ -208,7 +234,7 @@ def test_a_damaged_file_never_reaches_the_batch(tmp_path, damage):
     path = tmp_path / TAG.digest / agent_file_name("a")
     write_cache(path, TAG, AgentCache("a", _layers(12), list(range(12))))
     path.write_bytes(damage(path.read_bytes()))
-    assert store.checkout("a") is None and store.lookups[Lookup.REJECTED] == 1
+    assert store.checkout(TAG, "a") is None and store.lookups[Lookup.REJECTED] == 1
     reason = next((tmp_path / "quarantine").glob("*.reason.txt")).read_text()
     print(damage.__name__, "->", reason.strip())
     assert not path.exists()
@@ -237,12 +263,12 @@ def test_a_file_that_cannot_be_opened_now_is_a_miss_not_a_quarantine(tmp_path):
     os.close(lowest_free)
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # so none may open
     try:
-        assert store.checkout("a") is None
+        assert store.checkout(TAG, "a") is None
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert store.lookups[Lookup.MISS] == 1 and store.read_failures == 1
     assert path.exists() and not (tmp_path / "quarantine").exists()
-    back = store.checkout("a")  # once files can be opened again, it serves
+    back = store.checkout(TAG, "a")  # once files can be opened again, it serves
     assert back is not None and back.tokens == list(range(6))
 
 
@@ -250,28 +276,28 @@ def test_evict_all_makes_room_but_never_deletes_what_it_writes(tmp_path):
     one = write_cache(tmp_path / "probe" / "x.safetensors", TAG,
                       AgentCache("x", _layers(8), list(range(8))))
     (tmp_path / "probe" / "x.safetensors").unlink()
-    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4, dims=DIMS),
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4),
                             tmp_path / "caches", disk_budget_bytes=int(one * 2.5))
-    store.retag(TAG)
-    store.checkin(AgentCache("old", _layers(8), list(range(8))))
+    store.add_model(TAG, DIMS)
+    store.checkin(AgentCache("old", _layers(8), list(range(8)), TAG))
     store.evict_all()
     for agent in ("a", "b"):  # a swap's evict writes two caches: the old one must go
-        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+        store.checkin(AgentCache(agent, _layers(8), list(range(8)), TAG))
     assert sorted(store.evict_all()) == ["a", "b"]
     assert {p.name for p in store.cold_files()} == {agent_file_name("a"), agent_file_name("b")}
     assert store.disk_deletions == 1
     for agent in ("c", "d", "e"):  # three do not fit at all: refused, nothing deleted
-        store.checkin(AgentCache(agent, _layers(8), list(range(8))))
+        store.checkin(AgentCache(agent, _layers(8), list(range(8)), TAG))
     with pytest.raises(CacheWriteError, match="disk budget"):
         store.evict_all()
-    assert sorted(store.hot_agents()) == ["c", "d", "e"] and store.disk_deletions == 1
+    assert sorted(_hot(store)) == ["c", "d", "e"] and store.disk_deletions == 1
     assert len(store.cold_files()) == 2
 
 
 def test_the_index_matches_the_folder_after_a_restart(tmp_path):
     store = _store(tmp_path)
     for agent in ("a", "b"):
-        store.checkin(AgentCache(agent, _layers(5), list(range(5))))
+        store.checkin(AgentCache(agent, _layers(5), list(range(5)), TAG))
     store.evict_all()
     again = _store(tmp_path)
     assert sorted(again.cold_files()) == sorted(store.cold_files())
@@ -285,6 +311,6 @@ def test_quarantine_keeps_only_the_newest_files(tmp_path, monkeypatch):
         path = tmp_path / TAG.digest / agent_file_name(agent)
         write_cache(path, TAG, AgentCache(agent, _layers(4), list(range(4))))
         path.write_bytes(b"\0" * 64)
-        assert store.checkout(agent) is None
+        assert store.checkout(TAG, agent) is None
     assert len(list((tmp_path / "quarantine").glob("*.safetensors"))) == 2
     assert len(list((tmp_path / "quarantine").glob("*.reason.txt"))) == 2

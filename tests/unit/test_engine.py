@@ -116,7 +116,8 @@ async def test_every_finished_request_reaches_the_observer(server):
     await run_turn(server.service, "counted", "hi")
     await run_turn(server.service, None, "hi")
     assert _sample(server, "semantic_tokens_total", kind="generated") == before + 2 * 13
-    assert _sample(server, "semantic_request_seconds_count", model="fake-a") == 2
+    assert _sample(server, "semantic_request_seconds_count", model="fake-a",
+                   fingerprint="fp-fake-a") == 2
 
 
 async def test_anonymous_requests_share_a_prefix_cache(server):
@@ -146,7 +147,7 @@ async def test_a_retried_turn_reuses_its_prompt_past_a_wrapped_window(start, fak
     turn_one = FakeTokenizer().apply_chat_template(history, add_generation_prompt=False)
     assert follow.outcome.cached_tokens == len(turn_one) - 1
     hot = server.store.residency()
-    assert hot.hot_agents == 1 and server.pool.used <= server.pool.capacity
+    assert hot.hot_agents == 1 and server.pool.used <= server.pool.budget_bytes
 
 
 def test_masked_tokens_are_no_alternatives():

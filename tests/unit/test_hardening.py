@@ -112,16 +112,16 @@ async def test_running_requests_reserve_kv_and_wait_for_room(start, fake_models)
     # most of it, so a second waits in the engine's queue until the first ends.
     server = await start(kv_budget_bytes=8 * 16 * DIMS.bytes_per_token, block_tokens=16)
     pool = server.pool
-    assert pool.capacity == 8
+    assert pool.budget_bytes == 8 * pool.block_bytes(DIMS)
     fake_models["fake-a"].step_gate = threading.Event()
     first = asyncio.create_task(run_turn(server.service, "big-1", "hi", max_tokens=60))
     second = asyncio.create_task(run_turn(server.service, "big-2", "hi", max_tokens=60))
     await wait_until(lambda: server.snapshot().queued == 1)  # the second waits for room
     assert server.snapshot().active_sequences == 1
-    assert pool.used + pool.reserved <= pool.capacity
+    assert pool.used + pool.reserved <= pool.budget_bytes
     fake_models["fake-a"].step_gate.set()
     await asyncio.gather(first, second)
-    assert pool.reserved == 0 and pool.used <= pool.capacity
+    assert pool.reserved == 0 and pool.used <= pool.budget_bytes
 
 
 async def test_an_engine_thread_that_dies_degrades_the_server_at_once(server, fake_models):

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from semantic_server.api.turn import read_json
 from semantic_server.errors import AdminDisabled, Unauthorized
-from semantic_server.swap.orchestrator import SwapOutcome, SwapResult, SwapStep
+from semantic_server.swap.orchestrator import SwapMode, SwapOutcome, SwapResult, SwapStep
 
 if TYPE_CHECKING:  # app.py imports these routes
     from semantic_server.app import ServerContext
@@ -27,6 +27,7 @@ class SwapRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model_id: str = Field(min_length=1)
     timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    mode: SwapMode = SwapMode.AUTO
 
 
 def require_admin(request: Request) -> ServerContext:
@@ -52,7 +53,7 @@ def swap_status(result: SwapResult) -> int:
 async def swap(request: Request) -> JSONResponse:
     server = require_admin(request)
     body = SwapRequest.model_validate(await read_json(request, server.settings.max_body_bytes))
-    result = await server.orchestrator.swap(body.model_id, body.timeout_seconds)
+    result = await server.orchestrator.swap(body.model_id, body.timeout_seconds, body.mode)
     return JSONResponse(result.as_dict(), status_code=swap_status(result))
 
 
@@ -79,12 +80,10 @@ async def agents(request: Request) -> JSONResponse:
     server = require_admin(request)
     hot = await server.engine.on_thread(server.store.hot_agents)
     cold = await asyncio.to_thread(server.store.cold_agents)
-    tag = server.store.tag
     return JSONResponse({
-        "hot": [{"agent_id": agent, "state": "hot", "tokens": tokens,
-                 "bytes": server.pool.dims.cache_bytes(tokens),
-                 "model_id": tag.model_id if tag else None, "tag": tag.digest if tag else None}
-                for agent, tokens in hot.items()],
+        "hot": [{"agent_id": cache.agent_id, "state": "hot", "tokens": cache.tokens,
+                 "bytes": cache.nbytes, "model_id": cache.tag.model_id,
+                 "tag": cache.tag.digest} for cache in hot],
         "cold": [{**summary, "state": "cold"} for summary in cold],
         "lookups": {k.value: v for k, v in server.store.lookups.items()},
     })

@@ -35,6 +35,7 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
     e.UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
+    e.ModelTooLarge: (422, "invalid_request_error", "model_too_large"),
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
     e.AgentBusy: (409, "invalid_request_error", "agent_busy"),
     e.QueueFull: (429, "rate_limit_error", "too_many_requests"),

@@ -7,6 +7,10 @@ the KV budget, by a swap, or at shutdown. A cold cache comes back on the agent's
 request, but only under the tag it was written with (or, with ``CacheReuse.DIMS``, under
 any tag of the same shape); anything else is rejected with a logged, counted reason.
 
+Caches are kept per model: every resident model (the serving one, and during a
+zero-downtime swap the one retiring) has its tag here, and an agent's hot cache is keyed by
+tag and agent, so a request never takes a cache of another model than the one it runs on.
+
 The files on disk are indexed in memory (one scan at startup, then kept up to date by every
 write and deletion), so reports and the disk budget never rescan the folder. Only the
 engine thread changes this class, so it needs no lock; reports copy before reading.
@@ -18,7 +22,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -39,10 +43,12 @@ from semantic_server.cache.cache_file import (
 )
 from semantic_server.config import CacheReuse
 from semantic_server.errors import CacheWriteError
+from semantic_server.models.dims import ModelDims
 
 log = logging.getLogger(__name__)
 QUARANTINE = "quarantine"
 QUARANTINE_KEPT = 32  # rejected files kept for inspection; older ones are deleted
+HotKey = tuple[str, str]  # (tag digest, agent id): a hot cache in the pool
 
 
 class Lookup(StrEnum):
@@ -52,6 +58,16 @@ class Lookup(StrEnum):
     DISK = "disk"
     MISS = "miss"
     REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class HotCache:
+    """One resident cache, as reports show it."""
+
+    agent_id: str
+    tag: CacheTag
+    tokens: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -79,12 +95,12 @@ class AgentCacheStore:
         self.cache_dir = Path(cache_dir)
         self.reuse = CacheReuse(reuse)
         self.disk_budget_bytes = disk_budget_bytes
-        self.tag: CacheTag | None = None
         self.lookups: Counter[Lookup] = Counter()
         self.write_failures = 0
         self.read_failures = 0  # transient: the file could not be read then, and stayed
         self.disk_deletions = 0  # cold caches deleted to keep within the disk budget
-        self._hot: dict[str, AgentCache] = {}
+        self._models: dict[str, tuple[CacheTag, ModelDims]] = {}  # digest -> resident model
+        self._hot: dict[HotKey, AgentCache] = {}
         self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
 
     def _scan(self) -> dict[Path, tuple[int, float]]:
@@ -103,91 +119,110 @@ class AgentCacheStore:
                 index[path] = (stat.st_size, stat.st_mtime)
         return index
 
-    # ---- tag -------------------------------------------------------------------------
-    def retag(self, tag: CacheTag) -> None:
-        """Serve caches of ``tag`` from now on (the pool must be empty: evict first)."""
-        if self._hot:
-            raise RuntimeError("retag needs every hot cache evicted first")
-        self.tag = tag
+    # ---- models ----------------------------------------------------------------------
+    def add_model(self, tag: CacheTag, dims: ModelDims) -> None:
+        """Take caches of a newly resident model (its cold caches are found by tag)."""
+        self._models[tag.digest] = (tag, dims)
+
+    def remove_model(self, tag: CacheTag) -> None:
+        """Forget a model that leaves (evict its hot caches first)."""
+        if any(digest == tag.digest for digest, _ in self._hot):
+            raise RuntimeError(f"{tag.model_id} still has hot caches: evict them first")
+        self._models.pop(tag.digest, None)
+
+    def _dims(self, tag: CacheTag) -> ModelDims:
+        try:
+            return self._models[tag.digest][1]
+        except KeyError:
+            raise RuntimeError(f"{tag.model_id} is not resident in the cache store") from None
 
     def _path(self, tag: CacheTag, agent_id: str) -> Path:
         return self.cache_dir / tag.digest / agent_file_name(agent_id)
 
     # ---- hot <-> checked out ---------------------------------------------------------
-    def checkout(self, agent_id: str) -> AgentCache | None:
-        """The agent's cache for a request: hot if resident, else from disk, else None."""
-        entry = self._hot.pop(agent_id, None)
-        self.pool.release(agent_id)
+    def checkout(self, tag: CacheTag, agent_id: str) -> AgentCache | None:
+        """The agent's cache for a request on ``tag``'s model: hot if resident, else from
+        disk, else None."""
+        key = (tag.digest, agent_id)
+        entry = self._hot.pop(key, None)
+        self.pool.release(key)
         if entry is not None:
             self.lookups[Lookup.HOT] += 1
             return entry
-        entry = self._load_cold(agent_id)
+        entry = self._load_cold(tag, agent_id)
         self.lookups[Lookup.DISK if entry else Lookup.MISS] += 1
         return entry
 
     def checkin(self, entry: AgentCache) -> None:
-        """Make ``entry`` hot again, evicting least recently used agents to fit it (its
-        checkpoint too, when it has one; if only the cache itself fits, the checkpoint goes)."""
-        need = self._blocks(entry)
+        """Make ``entry`` (whose ``tag`` says which model made it) hot again, evicting least
+        recently used caches to fit it (its checkpoint too, when it has one; if only the
+        cache itself fits, the checkpoint goes)."""
+        need = self._bytes(entry)
         if entry.checkpoint is not None and not self.pool.fits(need):
             entry.checkpoint = None
-            need = self._blocks(entry)
+            need = self._bytes(entry)
         victims = self.pool.victims_for(need)
         if victims is None:
             log.warning("a cache of %d tokens does not fit in the KV budget beside the "
                         "running requests: written to disk", len(entry.tokens))
             self._spill(entry)
             return
-        for agent_id in victims:
-            self._evict(agent_id)
-        self._hot[entry.agent_id] = entry
-        self.pool.allocate(entry.agent_id, need)
+        for key in victims:
+            self._evict(key)
+        key = (self._tag(entry).digest, entry.agent_id)
+        self._hot[key] = entry
+        self.pool.allocate(key, need)
 
-    def _blocks(self, entry: AgentCache) -> int:
-        checkpoint = entry.checkpoint
-        return self.pool.blocks_for(len(entry.tokens)) + (
-            self.pool.blocks_for(len(checkpoint[1])) if checkpoint else 0)
+    @staticmethod
+    def _tag(entry: AgentCache) -> CacheTag:
+        if entry.tag is None:
+            raise RuntimeError("a cache must carry the tag of the model that made it")
+        return entry.tag
 
-    def fits(self, tokens: int) -> bool:
-        """Whether a job of ``tokens`` fits beside what running jobs reserved."""
-        return self.pool.fits(self.pool.blocks_for(tokens))
+    def _bytes(self, entry: AgentCache) -> int:
+        dims, checkpoint = self._dims(self._tag(entry)), entry.checkpoint
+        return self.pool.bytes_for(dims, len(entry.tokens)) + (
+            self.pool.bytes_for(dims, len(checkpoint[1])) if checkpoint else 0)
 
-    def reserve(self, key: str, tokens: int) -> None:
-        """Reserve room for a running job of ``tokens`` (its prompt plus max_tokens)."""
-        self._reserve(key, self.pool.blocks_for(tokens))
+    def fits(self, tag: CacheTag, tokens: int) -> bool:
+        """Whether a job of ``tokens`` on ``tag``'s model fits beside what running jobs
+        reserved."""
+        return self.pool.fits(self.pool.bytes_for(self._dims(tag), tokens))
+
+    def reserve(self, key: str, tag: CacheTag, tokens: int) -> None:
+        """Reserve room for a running job of ``tokens`` (its prompt plus max_tokens) on
+        ``tag``'s model. Least recently used hot caches go to disk until it fits; what does
+        not fit beside the other reservations overdraws the budget: the engine starts such
+        a job only when no other job runs (``fits`` tells it when to wait)."""
+        need = self.pool.bytes_for(self._dims(tag), tokens)
+        victims = self.pool.victims_for(need)
+        for victim in victims if victims is not None else self.pool.agents():
+            self._evict(victim)
+        self.pool.reserve(key, need)
 
     def room_bytes(self, key: str) -> int:
         """Bytes free for ``key``'s reservation without evicting anyone."""
-        held = self.pool.reservation(key)
-        return max(0, (self.pool.free + held) * self.pool.block_bytes)
+        return max(0, self.pool.free + self.pool.reservation(key))
 
     def reserve_bytes(self, key: str, nbytes: int) -> None:
-        """Reserve room for a holder counted in bytes (the anonymous prefix cache), which
+        """Reserve room for a holder counted in bytes (an anonymous prefix cache), which
         the caller made fit ``room_bytes``: nobody is evicted for it."""
-        self.pool.reserve(key, self.pool.blocks_for_bytes(nbytes))
-
-    def _reserve(self, key: str, blocks: int) -> None:
-        """Evict least recently used hot caches to disk until ``blocks`` fit. What does not
-        fit beside the other reservations overdraws the budget: the engine starts such a
-        job only when no other job runs (``fits`` tells it when to wait)."""
-        victims = self.pool.victims_for(blocks)
-        for agent_id in victims if victims is not None else self.pool.agents():
-            self._evict(agent_id)
-        self.pool.reserve(key, blocks)
+        self.pool.reserve(key, nbytes)
 
     def unreserve(self, key: str) -> None:
         self.pool.unreserve(key)
 
-    def evict_all(self) -> list[str]:
-        """Every hot cache to disk, then out of memory (a swap's evict step, and shutdown).
+    def evict_all(self, tag: CacheTag | None = None) -> list[str]:
+        """Every hot cache (of ``tag``'s model, or of all) to disk, then out of memory: a
+        swap's evict step, and shutdown. Returns the agents written.
 
         All or nothing: room is made under the disk budget first (deleting the oldest
         *other* cold caches, never one this call writes), and if any write fails (a full
         disk) every cache stays hot and CacheWriteError is raised, so a swap can give up
         before it unloads anything instead of losing agents' context.
         """
-        agents = self.pool.agents()
-        entries = [self._hot[agent_id] for agent_id in agents]
+        keys = [key for key in self.pool.agents() if tag is None or key[0] == tag.digest]
+        entries = [self._hot[key] for key in keys]
         self._make_room(entries)
         failures = []
         for entry in entries:
@@ -196,18 +231,18 @@ class AgentCacheStore:
             except Exception as exc:
                 failures.append(f"{exc}")
         if failures:
-            raise CacheWriteError(f"{len(failures)} of {len(agents)} agent caches could not be "
+            raise CacheWriteError(f"{len(failures)} of {len(keys)} agent caches could not be "
                                   f"written to {self.cache_dir}: {failures[0]}")
-        for agent_id in agents:
-            del self._hot[agent_id]
-            self.pool.release(agent_id)
-        return agents
+        for key in keys:
+            del self._hot[key]
+            self.pool.release(key)
+        return [agent_id for _, agent_id in keys]
 
-    def _evict(self, agent_id: str) -> None:
+    def _evict(self, key: HotKey) -> None:
         """Out of memory and out of the pool, whatever happens to the write: the KV budget
         holds even on a full disk, at the cost of this agent's newest context."""
-        entry = self._hot.pop(agent_id, None)
-        self.pool.release(agent_id)
+        entry = self._hot.pop(key, None)
+        self.pool.release(key)
         if entry is not None:
             self._spill(entry)
 
@@ -221,11 +256,10 @@ class AgentCacheStore:
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
         """Write one cache atomically; a failure leaves any older file of it untouched."""
-        if self.tag is None:
-            raise CacheWriteError("no cache tag yet: no model was ever loaded")
-        path = self._path(self.tag, entry.agent_id)
+        tag = self._tag(entry)
+        path = self._path(tag, entry.agent_id)
         try:
-            size = write_cache(path, self.tag, entry)
+            size = write_cache(path, tag, entry)
         except Exception:
             self.write_failures += 1
             raise
@@ -234,10 +268,10 @@ class AgentCacheStore:
     def _make_room(self, entries: list[AgentCache]) -> None:
         """Delete the oldest cold caches, other than these agents' own, until ``entries``
         fit the disk budget; a CacheWriteError (nothing deleted) when they cannot."""
-        if self.disk_budget_bytes is None or self.tag is None:
+        if self.disk_budget_bytes is None:
             return
-        mine = {self._path(self.tag, entry.agent_id) for entry in entries}
-        need = sum(estimated_file_bytes(self.tag, entry) for entry in entries)
+        mine = {self._path(self._tag(entry), entry.agent_id) for entry in entries}
+        need = sum(estimated_file_bytes(self._tag(entry), entry) for entry in entries)
         others = sorted((p for p in self._cold if p not in mine), key=lambda p: self._cold[p][1])
         kept = sum(self._cold[p][0] for p in others)
         if need > self.disk_budget_bytes:
@@ -256,27 +290,24 @@ class AgentCacheStore:
         self.disk_deletions += 1
         log.info("cold cache deleted", extra={"fields": {"file": path.name, "reason": reason}})
 
-    def _candidates(self, agent_id: str) -> list[Path]:
-        assert self.tag is not None
-        exact = self._path(self.tag, agent_id)
+    def _candidates(self, tag: CacheTag, agent_id: str) -> list[Path]:
+        exact = self._path(tag, agent_id)
         paths = [exact] if exact.exists() else []
         if self.reuse is CacheReuse.DIMS:
             for tag_file in self.cache_dir.glob(f"*/{TAG_FILE}"):
                 other = tag_file.parent / agent_file_name(agent_id)
                 if other == exact or not other.exists():
                     continue
-                tag = read_tag_file(tag_file.parent)
-                if tag is not None and tag.shape_key() == self.tag.shape_key():
+                theirs = read_tag_file(tag_file.parent)
+                if theirs is not None and theirs.shape_key() == tag.shape_key():
                     paths.append(other)
         return sorted(paths, key=_mtime, reverse=True)
 
-    def _load_cold(self, agent_id: str) -> AgentCache | None:
-        if self.tag is None:
-            return None
-        for path in self._candidates(agent_id):
+    def _load_cold(self, tag: CacheTag, agent_id: str) -> AgentCache | None:
+        for path in self._candidates(tag, agent_id):
             try:
                 entry = read_cache(path)
-                self._check(entry, agent_id)
+                self._check(entry, tag, agent_id)
             except CacheReadError as exc:  # transient: a miss now, the file stays for later
                 self.read_failures += 1
                 log.warning("cache file %s not read: %s", path.name, exc)
@@ -286,25 +317,24 @@ class AgentCacheStore:
                 log.warning("cache file %s rejected: %s", path.name, exc)
                 self._quarantine(path, str(exc))
                 continue
-            return entry
+            return replace(entry, tag=tag)  # hot from now on: it belongs to this model
         return None
 
-    def _check(self, entry: AgentCache, agent_id: str) -> None:
-        tag = entry.tag
-        assert tag is not None and self.tag is not None
+    def _check(self, entry: AgentCache, tag: CacheTag, agent_id: str) -> None:
+        theirs = entry.tag
+        assert theirs is not None
         if entry.agent_id != agent_id:
             raise CacheFileError("the file belongs to another agent")
-        if tag == self.tag:
+        if theirs == tag:
             return
-        if tag.shape_key() != self.tag.shape_key():
+        if theirs.shape_key() != tag.shape_key():
             raise CacheFileError(
-                f"dims differ: file has {tag.n_layers} layers x {tag.n_kv_heads} KV heads x "
-                f"{tag.head_dim} ({tag.kv_dtype}), model {self.tag.model_id} has "
-                f"{self.tag.n_layers} x {self.tag.n_kv_heads} x {self.tag.head_dim} "
-                f"({self.tag.kv_dtype})")
+                f"dims differ: file has {theirs.n_layers} layers x {theirs.n_kv_heads} KV "
+                f"heads x {theirs.head_dim} ({theirs.kv_dtype}), model {tag.model_id} has "
+                f"{tag.n_layers} x {tag.n_kv_heads} x {tag.head_dim} ({tag.kv_dtype})")
         if self.reuse is not CacheReuse.DIMS:
-            raise CacheFileError(f"written by other weights ({tag.model_id} "
-                                 f"{tag.fingerprint}); set SEMANTIC_CACHE_REUSE=dims to reuse")
+            raise CacheFileError(f"written by other weights ({theirs.model_id} "
+                                 f"{theirs.fingerprint}); set SEMANTIC_CACHE_REUSE=dims to reuse")
 
     def _quarantine(self, path: Path, reason: str) -> None:
         """Move a rejected file aside with its reason; keep only the newest few."""
@@ -328,9 +358,11 @@ class AgentCacheStore:
         return sorted(index, key=lambda p: index[p][1])
 
     # ---- reports ---------------------------------------------------------------------
-    def hot_agents(self) -> dict[str, int]:
-        """Resident agents and their token counts, least recently used first."""
-        return {agent_id: len(self._hot[agent_id].tokens) for agent_id in self.pool.agents()}
+    def hot_agents(self) -> list[HotCache]:
+        """Resident caches, least recently used first (engine thread)."""
+        return [HotCache(entry.agent_id, self._tag(entry), len(entry.tokens),
+                         self._exact_bytes(entry))
+                for entry in (self._hot[key] for key in self.pool.agents())]
 
     def cold_agents(self) -> list[dict[str, Any]]:
         """Every cold cache on disk, from the files' headers (a file that cannot be read is
@@ -345,10 +377,16 @@ class AgentCacheStore:
 
     def residency(self) -> Residency:
         """Hot and cold counts and bytes; safe to call from another thread (copies first)."""
-        hot = [len(tokens) for entry in list(self._hot.values())
-               for tokens in (entry.tokens, entry.checkpoint[1] if entry.checkpoint else [])
-               if tokens]
+        hot = list(self._hot.values())
         cold = [size for size, _ in list(self._cold.values())]
-        dims = self.pool.dims
-        return Residency(len(self._hot), sum(dims.cache_bytes(n) for n in hot) if dims else 0,
+        return Residency(len(hot), sum(self._exact_bytes(entry) for entry in hot),
                          len(cold), sum(cold))
+
+    def _exact_bytes(self, entry: AgentCache) -> int:
+        """What a hot cache really holds (no rounding to blocks)."""
+        models = dict(self._models)
+        dims = models[entry.tag.digest][1] if entry.tag and entry.tag.digest in models else None
+        if dims is None:
+            return 0
+        return sum(dims.cache_bytes(len(tokens)) for tokens in (
+            entry.tokens, entry.checkpoint[1] if entry.checkpoint else []) if tokens)

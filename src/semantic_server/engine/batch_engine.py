@@ -2,9 +2,16 @@
 
 Every MLX call of the server happens here: prefill and decode through mlx-lm's
 ``BatchGenerator`` (continuous batching: requests join and leave between steps), and,
-through :meth:`BatchEngine.call`, the swap's load and unload. The asyncio side talks to it
-only through a thread-safe command queue, and hears back through each job's ``emit``
-callback, which the HTTP layer wires to ``loop.call_soon_threadsafe``.
+through :meth:`BatchEngine.call` and :meth:`BatchEngine.call_sliced`, the swap's load,
+health check and unload. The asyncio side talks to it only through a thread-safe command
+queue, and hears back through each job's ``emit`` callback, which the HTTP layer wires to
+``loop.call_soon_threadsafe``.
+
+Each resident model has a *lane*: its own generator, running jobs and anonymous prefix
+cache; the thread steps every busy lane in turn. A job runs on the lane of the model
+version it was admitted to, so during a zero-downtime swap the old model's requests finish
+on the old lane while new ones run on the new. A sliced task (a model loading beside the
+serving one) runs one slice between two rounds of steps, so decoding goes on meanwhile.
 
 A job's prompt is matched against its agent's cache (the longest common prefix is kept,
 trimmed where the cache allows, else the cache is dropped), so a turn prefills only the
@@ -21,8 +28,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -31,7 +39,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from mlx_lm.sample_utils import apply_top_p
 
 from semantic_server.cache.agent_store import AgentCacheStore
-from semantic_server.cache.cache_file import AgentCache
+from semantic_server.cache.cache_file import AgentCache, CacheTag
 from semantic_server.engine.jobs import (
     Event,
     Failed,
@@ -129,20 +137,50 @@ def _make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array] | No
     return sample
 
 
-SHARED_PREFIX = "\0shared-prefix"  # the prefix cache's reservation (no job id looks like it)
+# How long sliced work (a model loading beside the serving one) may run between two rounds
+# of decoding steps: it adds at most this to each token's time while it lasts.
+SLICE_SECONDS = 0.05
+SHARED_PREFIX = "\0shared-prefix"  # a prefix cache's reservation (no job id looks like it)
 
 
 class EngineStopped(RuntimeError):
     """The engine thread is gone: nothing can run until the process restarts."""
 
 
+@dataclass(eq=False)
+class Lane:
+    """One resident model's batch: its generator, its running jobs (by generator uid), their
+    prompt checkpoints (see AgentCache.checkpoint) and its anonymous prefix cache."""
+
+    loaded: LoadedModel
+    tag: CacheTag
+    generator: Any
+    shared: LRUPromptCache
+    jobs: dict[int, Job] = field(default_factory=dict)
+    checkpoints: dict[int, tuple[list[Any], list[int]] | None] = field(default_factory=dict)
+
+    @property
+    def shared_key(self) -> tuple[str, int]:
+        """The prefix cache's reservation in the KV pool."""
+        return SHARED_PREFIX, self.loaded.version
+
+
+@dataclass
+class _Sliced:
+    """A task run one slice at a time between engine steps, and where its result goes."""
+
+    slices: Generator[None, None, Any]
+    future: Future
+
+
 class BatchEngine:
-    """Owns the loaded model's BatchGenerator and every KV array, on its own thread.
+    """Owns every resident model's BatchGenerator and every KV array, on its own thread.
 
     Jobs wait in the engine's own queue until a batch slot is free and the KV budget has
     room for their prompt plus max_tokens beside the jobs already running; a job's
     reservation is released when it ends, so resident KV stays within the budget (a lone
-    job larger than the whole budget still runs, alone).
+    job larger than the whole budget still runs, alone). ``max_batch`` bounds the jobs
+    running on all lanes together.
     """
 
     def __init__(self, store: AgentCacheStore, *, max_batch: int = 16,
@@ -156,16 +194,12 @@ class BatchEngine:
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size
         self._shared_limits = (shared_prefix_entries, shared_prefix_bytes)
-        self._shared = LRUPromptCache(*self._shared_limits)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
-        self._loaded: LoadedModel | None = None
-        self._generator: BatchGenerator | None = None
+        self._lanes: dict[LoadedModel, Lane] = {}
         self._pending: deque[Job] = deque()  # submitted, waiting for a slot and KV room
-        self._jobs: dict[int, Job] = {}  # generator uid -> running job
-        self._uids: dict[str, int] = {}  # request id -> generator uid
-        # uid -> the cache at the end of the job's prompt (see AgentCache.checkpoint)
-        self._checkpoints: dict[int, tuple[list[Any], list[int]] | None] = {}
+        self._uids: dict[str, tuple[Lane, int]] = {}  # request id -> its lane and uid
+        self._sliced: deque[_Sliced] = deque()
         self._stopping = False
         self.failure: str | None = None  # why the engine thread stopped, if it did
 
@@ -199,6 +233,14 @@ class BatchEngine:
         without blocking the event loop."""
         return await asyncio.wrap_future(self.call(fn))
 
+    async def sliced(self, make: Callable[[], Generator[None, None, Any]]) -> Any:
+        """Await a task the engine thread runs one slice at a time between its steps (each
+        ``next`` of the generator ``make`` returns is a slice): long MLX work, such as
+        loading a model, that must not stop decoding for the models already serving."""
+        future: Future = Future()
+        self._commands.put(lambda: self._sliced.append(_Sliced(make(), future)))
+        return await asyncio.wrap_future(future)
+
     def submit(self, job: Job) -> None:
         if self.failure is not None:
             job.emit(Failed(EngineStopped(self.failure)))
@@ -217,45 +259,53 @@ class BatchEngine:
 
     @property
     def active_jobs(self) -> int:
-        return len(self._jobs)
+        return sum(len(lane.jobs) for lane in list(self._lanes.values()))
 
     @property
     def queued_jobs(self) -> int:
         return len(self._pending)
 
-    @property
-    def loaded(self) -> LoadedModel | None:
-        return self._loaded
+    def jobs_on(self, loaded: LoadedModel) -> int:
+        """Jobs running on ``loaded``'s lane."""
+        lane = self._lanes.get(loaded)
+        return len(lane.jobs) if lane else 0
 
     # ---- engine thread ---------------------------------------------------------------
-    def attach(self, loaded: LoadedModel) -> None:
-        """Serve ``loaded``: a new generator over it (engine thread only)."""
-        self._loaded = loaded
-        self._generator = self.make_generator(loaded, self.max_batch, self.prefill_step_size)
+    def attach(self, loaded: LoadedModel, tag: CacheTag) -> None:
+        """A lane for ``loaded``, whose caches carry ``tag`` (engine thread only)."""
+        self._lanes[loaded] = Lane(
+            loaded, tag, self.make_generator(loaded, self.max_batch, self.prefill_step_size),
+            LRUPromptCache(*self._shared_limits))
 
-    def detach(self) -> None:
-        """Drop the BatchGenerator and every reference to the model (engine thread only)."""
-        if self._jobs or self._pending:
-            raise RuntimeError(f"{len(self._jobs) + len(self._pending)} jobs still running")
-        if self._generator is not None:
-            self._generator.close()
-        self._generator = None
-        self._loaded = None
-        self._shared = LRUPromptCache(*self._shared_limits)
-        self.store.unreserve(SHARED_PREFIX)
+    def detach(self, loaded: LoadedModel) -> None:
+        """Drop ``loaded``'s lane, its generator and every reference to the model (engine
+        thread only); it must have no job left."""
+        lane = self._lanes.get(loaded)
+        if lane is None:
+            return
+        waiting = sum(job.model is loaded for job in self._pending)
+        if lane.jobs or waiting:
+            raise RuntimeError(f"{len(lane.jobs) + waiting} jobs still run on "
+                               f"{loaded.model_id}")
+        lane.generator.close()
+        self.store.unreserve(lane.shared_key)
+        del self._lanes[loaded]
 
     def _run(self) -> None:
         try:
             while not self._stopping:
-                busy = bool(self._jobs)
+                busy = self.active_jobs > 0 or bool(self._sliced)
                 try:
                     self._execute(self._commands.get(block=not busy))
                     while True:  # drain what else arrived before stepping again
                         self._execute(self._commands.get_nowait())
                 except queue.Empty:
                     pass
-                if self._jobs and not self._stopping:
-                    self._step()
+                if self._sliced and not self._stopping:
+                    self._run_slice()
+                for lane in list(self._lanes.values()):
+                    if lane.jobs and not self._stopping:
+                        self._step(lane)
         except BaseException as exc:  # the thread is dying: say so, fail everyone at once
             self.failure = f"{type(exc).__name__}: {exc}"
             log.critical("the engine thread stopped", exc_info=exc)
@@ -270,29 +320,52 @@ class BatchEngine:
         except Exception:
             log.exception("engine command failed")
 
+    def _run_slice(self) -> None:
+        """Slices of the oldest sliced task for up to ``SLICE_SECONDS`` (then the lanes
+        step again); its end (or failure) resolves its future."""
+        task = self._sliced[0]
+        deadline = time.perf_counter() + SLICE_SECONDS
+        try:
+            while time.perf_counter() < deadline:
+                next(task.slices)
+        except StopIteration as done:
+            self._sliced.popleft()
+            task.future.set_result(done.value)
+        except Exception as exc:  # handed to the caller, not the end of the thread
+            self._sliced.popleft()
+            task.future.set_exception(exc)
+
     def _fail_all(self, error: Exception) -> None:
-        for job in [*self._jobs.values(), *self._pending]:
+        for lane in self._lanes.values():
+            for job in lane.jobs.values():
+                job.emit(Failed(error))
+            lane.jobs.clear()
+        for job in self._pending:
             job.emit(Failed(error))
-        self._jobs.clear()
         self._uids.clear()
         self._pending.clear()
+        for task in self._sliced:
+            task.future.set_exception(error)
+        self._sliced.clear()
 
     def _stop(self) -> None:
         self._fail_all(RuntimeError("the server is shutting down"))
         self._stopping = True
 
-    def _shared_key(self, job: Job) -> tuple[str, str | None]:
+    @staticmethod
+    def _shared_key(lane: Lane, job: Job) -> tuple[str, str | None]:
         """Anonymous requests share prefixes per model and tenant, never across tenants."""
-        return self._loaded.model_id, job.namespace
+        return lane.loaded.model_id, job.namespace
 
-    def _take_cache(self, job: Job) -> tuple[list[Any] | None, int]:
-        """The job's cache (its agent's, or the shared prefix cache's for an anonymous job)
-        cut to what its prompt reuses."""
+    def _take_cache(self, lane: Lane, job: Job) -> tuple[list[Any] | None, int]:
+        """The job's cache (its agent's, or the lane's prefix cache's for an anonymous
+        job) cut to what its prompt reuses."""
         if job.agent_id is None:
-            layers, rest = self._shared.fetch_nearest_cache(self._shared_key(job), job.prompt)
+            layers, rest = lane.shared.fetch_nearest_cache(self._shared_key(lane, job),
+                                                           job.prompt)
             tokens = job.prompt[: len(job.prompt) - len(rest)]
             return fit_cache(layers, tokens, job.prompt) if layers is not None else (None, 0)
-        entry = self.store.checkout(job.agent_id)
+        entry = self.store.checkout(lane.tag, job.agent_id)
         if entry is None:
             return None, 0
         fitted, keep = fit_cache(entry.layers, entry.tokens, job.prompt)
@@ -300,16 +373,18 @@ class BatchEngine:
             fitted, keep = fit_cache(*entry.checkpoint, job.prompt)  # the prompt's end
         return fitted, keep
 
-    def _reservation(self, job: Job, cached: int) -> int:
+    @staticmethod
+    def _reservation(lane: Lane, job: Job, cached: int) -> int:
         """Tokens of KV a job may hold while it runs: its prompt and max_tokens, and its
         prompt once more when it keeps a checkpoint."""
-        checkpoint = len(job.prompt) if self._wants_checkpoint(job, cached) else 0
+        checkpoint = len(job.prompt) if BatchEngine._wants_checkpoint(lane, job, cached) else 0
         return len(job.prompt) + job.max_tokens + checkpoint
 
-    def _wants_checkpoint(self, job: Job, cached: int) -> bool:
+    @staticmethod
+    def _wants_checkpoint(lane: Lane, job: Job, cached: int) -> bool:
         """Keep the cache at the prompt's end when this job may wrap a sliding window, so
         a retried turn (or one after a cut reply) can still reuse its prompt."""
-        windows = [layer.window for layer in self._loaded.dims.layers if layer.window]
+        windows = [layer.window for layer in lane.loaded.dims.layers if layer.window]
         return (job.agent_id is not None and bool(windows)
                 and len(job.prompt) - cached > 1
                 and len(job.prompt) + job.max_tokens > min(windows))
@@ -318,8 +393,8 @@ class BatchEngine:
         if self.failure is not None:
             job.emit(Failed(EngineStopped(self.failure)))
             return
-        if self._generator is None or self._loaded is None:
-            job.emit(Failed(RuntimeError("no model is loaded")))
+        if job.model not in self._lanes:
+            job.emit(Failed(RuntimeError("its model is not loaded")))
             return
         self._pending.append(job)
         self._schedule()
@@ -327,20 +402,26 @@ class BatchEngine:
     def _schedule(self) -> None:
         """Start waiting jobs, in order, while a batch slot is free and the KV budget has
         room for them (a job that fits nowhere runs once nothing else does)."""
-        while self._pending and len(self._jobs) < self.max_batch:
+        while self._pending and self.active_jobs < self.max_batch:
             job = self._pending[0]
-            if self._jobs and not self.store.fits(self._reservation(job, cached=0)):
+            lane = self._lanes.get(job.model)
+            if lane is None:  # its model left meanwhile (a failed swap's cleanup)
+                self._pending.popleft()
+                job.emit(Failed(RuntimeError("its model is not loaded")))
+                continue
+            reserve = self._reservation(lane, job, cached=0)
+            if self.active_jobs and not self.store.fits(lane.tag, reserve):
                 return
             self._pending.popleft()
-            self._start(job)
+            self._start(lane, job)
 
-    def _start(self, job: Job) -> None:
+    def _start(self, lane: Lane, job: Job) -> None:
         cache, cached = None, 0
         try:
             sampler = _make_sampler(job.sampling)
-            cache, cached = self._take_cache(job)  # the agent's own blocks leave the pool
-            self.store.reserve(job.request_id, self._reservation(job, cached))
-            (uid,) = self._generator.insert(
+            cache, cached = self._take_cache(lane, job)  # the agent's blocks leave the pool
+            self.store.reserve(job.request_id, lane.tag, self._reservation(lane, job, cached))
+            (uid,) = lane.generator.insert(
                 [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
                 all_tokens=[job.prompt[:cached]], samplers=[sampler],
                 logits_processors=[[job.logits_processor] if job.logits_processor else []])
@@ -348,13 +429,13 @@ class BatchEngine:
             log.exception("could not admit request %s", job.request_id)
             self.store.unreserve(job.request_id)
             if cache is not None:
-                self._checkin(job, cache, job.prompt[:cached])
+                self._checkin(lane, job, cache, job.prompt[:cached])
             job.emit(Failed(exc))
             return
-        self._jobs[uid] = job
-        self._uids[job.request_id] = uid
-        if self._wants_checkpoint(job, cached):
-            self._checkpoints[uid] = None  # taken when the prompt's first segment ends
+        lane.jobs[uid] = job
+        self._uids[job.request_id] = (lane, uid)
+        if self._wants_checkpoint(lane, job, cached):
+            lane.checkpoints[uid] = None  # taken when the prompt's first segment ends
         job.emit(Started(cached))
 
     def _cancel(self, request_id: str) -> None:
@@ -363,67 +444,70 @@ class BatchEngine:
             self._pending.remove(waiting)
             waiting.emit(Finished(FinishReason.CANCELLED))
             return
-        uid = self._uids.get(request_id)
-        if uid is None or self._generator is None:
+        if request_id not in self._uids:
             return
-        job = self._jobs[uid]
+        lane, uid = self._uids[request_id]
+        job = lane.jobs[uid]
         outcome: Event = Finished(FinishReason.CANCELLED)
         try:
-            removed = self._generator.remove([uid], return_prompt_caches=True)
+            removed = lane.generator.remove([uid], return_prompt_caches=True)
             self.store.unreserve(job.request_id)
             for cache, tokens in removed.values():
-                self._checkin(job, cache, tokens, self._checkpoints.get(uid))
+                self._checkin(lane, job, cache, tokens, lane.checkpoints.get(uid))
         except Exception as exc:  # the job ends either way; its cache may be lost
             log.exception("could not cancel request %s cleanly", request_id)
             outcome = Failed(exc)
         finally:
-            self._finish(uid, outcome)
+            self._finish(lane, uid, outcome)
             self._schedule()
 
-    def _finish(self, uid: int, event: Event) -> None:
-        job = self._jobs.pop(uid)
+    def _finish(self, lane: Lane, uid: int, event: Event) -> None:
+        job = lane.jobs.pop(uid)
         self._uids.pop(job.request_id, None)
-        self._checkpoints.pop(uid, None)
+        lane.checkpoints.pop(uid, None)
         self.store.unreserve(job.request_id)
         job.emit(event)
 
-    def _checkin(self, job: Job, cache: list[Any], tokens: list[int],
+    def _checkin(self, lane: Lane, job: Job, cache: list[Any], tokens: list[int],
                  checkpoint: tuple[list[Any], list[int]] | None = None) -> None:
         tokens = list(tokens)
         if not tokens:  # cancelled before any prefill: nothing worth keeping
             return
         materialize(cache)
         if job.agent_id is None:
-            self._shared.insert_cache(self._shared_key(job), tokens, cache)
-            room = self.store.room_bytes(SHARED_PREFIX)  # never evicts an agent for it
-            if self._shared.nbytes > room:
-                self._shared.trim_to(n_bytes=room)
-            self.store.reserve_bytes(SHARED_PREFIX, self._shared.nbytes)
+            lane.shared.insert_cache(self._shared_key(lane, job), tokens, cache)
+            room = self.store.room_bytes(lane.shared_key)  # never evicts an agent for it
+            if lane.shared.nbytes > room:
+                lane.shared.trim_to(n_bytes=room)
+            self.store.reserve_bytes(lane.shared_key, lane.shared.nbytes)
         else:
-            self.store.checkin(AgentCache(job.agent_id, cache, tokens, checkpoint=checkpoint))
+            self.store.checkin(AgentCache(job.agent_id, cache, tokens, lane.tag, checkpoint))
 
-    def _take_checkpoints(self, prompt_responses: list[Any]) -> None:
+    @staticmethod
+    def _take_checkpoints(lane: Lane, prompt_responses: list[Any]) -> None:
         """At the end of a prompt's first segment (everything but its last token), copy the
         cache of the jobs that want a checkpoint."""
         due = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt
-               and r.uid in self._checkpoints]
-        for uid, (cache, tokens) in self._generator.extract_cache(due).items() if due else ():
+               and r.uid in lane.checkpoints]
+        for uid, (cache, tokens) in lane.generator.extract_cache(due).items() if due else ():
             materialize(cache)
-            self._checkpoints[uid] = (cache, list(tokens))
+            lane.checkpoints[uid] = (cache, list(tokens))
 
-    def _step(self) -> None:
+    def _step(self, lane: Lane) -> None:
         try:
-            prompt_responses, responses = self._generator.next()
-            self._take_checkpoints(prompt_responses)
+            prompt_responses, responses = lane.generator.next()
+            self._take_checkpoints(lane, prompt_responses)
         except Exception as exc:
-            log.exception("generation step failed; failing the batch")
-            for uid in list(self._jobs):
-                self._finish(uid, Failed(exc))
-            self.attach(self._loaded)
+            log.exception("generation step failed; failing the batch of %s",
+                          lane.loaded.model_id)
+            for uid in list(lane.jobs):
+                self._finish(lane, uid, Failed(exc))
+            lane.generator = self.make_generator(lane.loaded, self.max_batch,
+                                                 self.prefill_step_size)
             self._schedule()
             return
         for response in responses:
-            job = self._jobs.get(response.uid)
+            job = lane.jobs.get(response.uid)
             if job is None:
                 continue
             try:
@@ -434,11 +518,11 @@ class BatchEngine:
                 if reason is FinishReason.LENGTH:
                     job.emit(token_out(job, response))  # a stop token is not part of the text
                 self.store.unreserve(job.request_id)
-                self._checkin(job, response.prompt_cache, response.all_tokens,
-                              self._checkpoints.get(response.uid))
-                self._finish(response.uid, Finished(reason))
+                self._checkin(lane, job, response.prompt_cache, response.all_tokens,
+                              lane.checkpoints.get(response.uid))
+                self._finish(lane, response.uid, Finished(reason))
             except Exception as exc:  # fail this job only
                 log.exception("could not finish request %s", job.request_id)
-                if response.uid in self._jobs:
-                    self._finish(response.uid, Failed(exc))
+                if response.uid in lane.jobs:
+                    self._finish(lane, response.uid, Failed(exc))
         self._schedule()

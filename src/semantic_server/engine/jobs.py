@@ -67,3 +67,4 @@ class Job:
     namespace: str | None = None  # the tenant whose anonymous prefix cache it may use
     logits_processor: Callable[[Any, Any], Any] | None = None  # a grammar, say
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and top k
+    model: Any = None  # the LoadedModel (version) it was admitted to, and runs on to its end

@@ -2,10 +2,11 @@
 
 It keeps the rules that hold for every request whatever protocol carried it: the model a
 request names must exist (404 at once) and be the one serving when it is admitted, one
-request per agent at a time (its cache is in use), admission through the gate (so a
-request runs entirely on one model), tokenization off the event loop, stop strings cut out
-of the text, a job removed from the batch the moment its consumer goes away, and every
-finished request counted and logged.
+request per agent at a time (its cache is in use), admission through the gate and a pin
+on the serving model version (so a request runs entirely on one model, even when a
+zero-downtime swap promotes another meanwhile), tokenization off the event loop, stop
+strings cut out of the text, a job removed from the batch the moment its consumer goes
+away, and every finished request counted and logged.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from semantic_server.engine.jobs import (
     Started,
     TokenOut,
 )
+from semantic_server.engine.versions import ModelVersions
 from semantic_server.errors import (
     AgentBusy,
     ContextLengthExceeded,
@@ -118,6 +120,7 @@ class Outcome:
     """How a request ended, for the usage block and the logs."""
 
     model_id: str
+    fingerprint: str  # of the weights that served it: its model version
     finish_reason: FinishReason = FinishReason.STOP
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
     prompt_tokens: int = 0
@@ -263,10 +266,12 @@ def token_logprob(tokenizer: Any, event: TokenOut) -> TokenLogprob:
 
 
 class GenerationService:
-    def __init__(self, engine: BatchEngine, gate: AdmissionGate, catalog: ModelCatalog,
-                 observer: Observer, max_context_tokens: int, max_queued: int = 64) -> None:
+    def __init__(self, engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
+                 catalog: ModelCatalog, observer: Observer, max_context_tokens: int,
+                 max_queued: int = 64) -> None:
         self.engine = engine
         self.gate = gate
+        self.versions = versions
         self.catalog = catalog
         self.observer = observer
         self.max_context_tokens = max_context_tokens
@@ -314,7 +319,7 @@ class GenerationService:
         Whether the named model is the loaded one is decided once the request is admitted:
         a request held through a swap is judged against the model it will run on.
         """
-        loaded = self.engine.loaded
+        loaded = self.versions.loaded
         if model_id is None or (loaded is not None and model_id == loaded.model_id):
             return  # the common case, without listing the catalog's folders on the event loop
         if not any(entry.model_id == model_id for entry in self.catalog.available()):
@@ -361,9 +366,17 @@ class GenerationService:
     async def _run(self, agent_id: str | None, request: Prompt | Renderer,
                    params: GenerationParams, model_id: str | None, request_id: str | None,
                    tenant: str | None) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
-        loaded = self.engine.loaded
-        if loaded is None:
-            raise GenerationFailed("no model is loaded")
+        """The request, pinned to the model version serving as it starts."""
+        with self.versions.pin() as loaded:
+            run = self._run_on(loaded, agent_id, request, params, model_id, request_id, tenant)
+            async with aclosing(run):
+                async for item in run:
+                    yield item
+
+    async def _run_on(self, loaded: Any, agent_id: str | None, request: Prompt | Renderer,
+                      params: GenerationParams, model_id: str | None, request_id: str | None,
+                      tenant: str | None,
+                      ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
         if model_id is not None and model_id != loaded.model_id:
             raise ModelNotLoaded(f"model {model_id!r} is available but not loaded (loaded: "
                                  f"{loaded.model_id}); swap to it first")
@@ -378,14 +391,14 @@ class GenerationService:
         processor = None
         if rendered.grammar is not None:
             processor = await asyncio.to_thread(grammar_processor, loaded, rendered.grammar)
-        outcome = Outcome(loaded.model_id, prompt_tokens=len(prompt))
+        outcome = Outcome(loaded.model_id, loaded.tag.fingerprint, prompt_tokens=len(prompt))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job_id = f"job-{next(self._ids)}"
         self.engine.submit(Job(
             job_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
             params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            tenant, processor, params.logprobs))
+            tenant, processor, params.logprobs, loaded))
         self.queued += 1
         started = False
         detokenizer = loaded.tokenizer.detokenizer

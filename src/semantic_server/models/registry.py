@@ -1,24 +1,30 @@
-"""Load and unload the one model this process holds, and prove the memory came back.
+"""Load and unload models, and prove the memory came back.
 
-One model fits at a time (ADR-007), so the registry holds at most one ``LoadedModel``.
-Loading ends with a warm-up forward pass that must give finite logits: a model that loads
-but computes garbage is refused here, before it serves anyone. Unloading drops every
+The registry holds the resident models: usually one, two during a zero-downtime swap (the
+serving model and the target loading beside it, ADR-013). Loading ends with a warm-up
+forward pass that must give finite logits: a model that loads but computes garbage is
+refused here, before it serves anyone. A load can also run in slices (``load_slices``) so
+the engine thread decodes for the serving model between them. Unloading drops every
 reference the registry holds, collects garbage and clears MLX's buffer cache; both report
 timings and MLX / process memory so callers (the swap, the experiments) can show that
-memory really returns. Call both from the engine thread: they run MLX work.
+memory really returns. Run MLX work (loads, unloads, health checks) on the engine thread;
+``prepare`` (config and tokenizer, no MLX) may run anywhere.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import psutil
+from mlx.utils import tree_flatten
 
 from semantic_server.errors import ModelInvalid, ModelLoadError
 from semantic_server.models.catalog import ModelCatalog
@@ -27,6 +33,9 @@ from semantic_server.models.fingerprint import weights_fingerprint
 from semantic_server.models.tag import ModelTag
 
 TOKENIZERS_KEPT = 4
+SLICE_BYTES = 16 * 2**20  # weights evaluated per slice of a sliced load
+HEALTH_TOKENS = 4  # tokens a health check generates
+_versions = itertools.count(1)
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -50,6 +59,16 @@ class LoadStats:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What a load needs that is not MLX work: the model's folder, config and tokenizer."""
+
+    model_id: str
+    path: Path
+    config: dict[str, Any]
+    tokenizer: Any
+
+
+@dataclass(frozen=True)
 class UnloadStats:
     model_id: str
     seconds: float
@@ -57,7 +76,7 @@ class UnloadStats:
     after: MemorySnapshot
 
 
-@dataclass
+@dataclass(eq=False)  # one load of a model: compared (and hashed) by identity
 class LoadedModel:
     model_id: str
     path: Path
@@ -66,6 +85,8 @@ class LoadedModel:
     config: dict[str, Any]
     tag: ModelTag
     stats: LoadStats
+    weight_bytes: int = 0  # bytes of its parameters in the compute dtype
+    version: int = field(default_factory=lambda: next(_versions))  # which load this is
 
     @property
     def dims(self) -> ModelDims:
@@ -105,13 +126,46 @@ def _check_dims(dims: ModelDims, cache: list[Any]) -> ModelDims:
                      str(keys.dtype).removeprefix("mlx.core."), dims.layers)
 
 
+def _slices(arrays: list[mx.array], nbytes: int) -> list[list[mx.array]]:
+    """``arrays`` in consecutive groups of about ``nbytes`` each."""
+    groups: list[list[mx.array]] = [[]]
+    size = 0
+    for array in arrays:
+        if size >= nbytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(array)
+        size += array.nbytes
+    return groups
+
+
+def _health_check(loaded: LoadedModel) -> Generator[None, None, None]:
+    cache = loaded.model.make_cache()
+    tokens = mx.array([loaded.tokenizer.encode("The capital of France is")[:16] or [0]])
+    for _ in range(HEALTH_TOKENS):
+        logits = loaded.model(tokens, cache=cache)[:, -1, :]
+        if not bool(mx.all(mx.isfinite(logits)).item()):
+            raise ModelLoadError("the health check produced non-finite logits")
+        tokens = mx.argmax(logits, axis=-1, keepdims=True)
+        yield
+
+
+def run_slices(slices: Generator[None, None, Any]) -> Any:
+    """Run a sliced task to its end at once; its return value."""
+    while True:
+        try:
+            next(slices)
+        except StopIteration as done:
+            return done.value
+
+
 class ModelRegistry:
-    """Holds at most one loaded model."""
+    """Holds the resident models."""
 
     def __init__(self, catalog: ModelCatalog, compute_dtype: str = "auto") -> None:
         self.catalog = catalog
         self.compute_dtype = resolve_compute_dtype(compute_dtype)
-        self.current: LoadedModel | None = None
+        self.resident: list[LoadedModel] = []
         # Tokenizers are plain Python objects, not MLX memory, and Gemma's takes seconds to
         # build: keep the last few so a model that comes back in a swap loads faster.
         self._tokenizers: OrderedDict[tuple, Any] = OrderedDict()
@@ -135,46 +189,71 @@ class ModelRegistry:
             return str(self.compute_dtype).removeprefix("mlx.core.")
         return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
 
-    def load(self, model_id: str) -> LoadedModel:
-        """Load ``model_id``, convert it to the compute dtype and warm it up."""
-        from mlx_lm.utils import dequantize_model, load_model
+    def health_check(self, loaded: LoadedModel) -> Generator[None, None, None]:
+        """A short greedy generation whose every step must give finite logits, one token
+        per slice: proof that the model computes before anyone is sent to it."""
+        return _health_check(loaded)
 
-        if self.current is not None:
-            raise RuntimeError(f"{self.current.model_id} is loaded: unload it first")
+    def prepare(self, model_id: str) -> Prepared:
+        """Resolve ``model_id`` and build its tokenizer (Python work, no MLX)."""
         path = self.catalog.resolve(model_id)
         config = self.catalog.read_config(model_id)
+        try:
+            tokenizer = self._tokenizer(path, config)
+        except Exception as exc:  # a broken tokenizer file: the model cannot load
+            raise ModelLoadError(f"could not load {model_id!r}: {exc}") from exc
+        return Prepared(model_id, path, config, tokenizer)
+
+    def load(self, model_id: str) -> LoadedModel:
+        """Load ``model_id``, convert it to the compute dtype and warm it up, all at once."""
+        return run_slices(self.load_slices(self.prepare(model_id)))
+
+    def load_slices(self, prepared: Prepared) -> Generator[None, None, LoadedModel]:
+        """Load a prepared model in slices of about ``SLICE_BYTES`` of weights each, so the
+        engine thread can decode for the serving model between them; returns the model."""
+        from mlx_lm.utils import dequantize_model, load_model
+
+        model_id = prepared.model_id
+        mx.reset_peak_memory()  # so the load's stats show its own peak
         before = MemorySnapshot.now()
         started = time.perf_counter()
         try:
-            model, _ = load_model(path, lazy=True)
-            tokenizer = self._tokenizer(path, config)
+            model, _ = load_model(prepared.path, lazy=True)
             if self.compute_dtype is not None:
                 model = dequantize_model(model)
                 model.set_dtype(self.compute_dtype)
-            mx.eval(model.parameters())
-            cache = _warm_up(model, tokenizer)
+            weights = [array for _, array in tree_flatten(model.parameters())]
+            for group in _slices(weights, SLICE_BYTES):
+                yield
+                mx.eval(group)
+            yield
+            cache = _warm_up(model, prepared.tokenizer)
         except (ModelLoadError, ModelInvalid):
             raise
         except Exception as exc:  # mlx-lm raises many types for a broken directory
             raise ModelLoadError(f"could not load {model_id!r}: {exc}") from exc
         finally:
             gc.collect()
-        kv_dtype = self.kv_dtype_name(config)
-        dims = _check_dims(dims_from_config(config, kv_dtype), cache)
+        dims = _check_dims(dims_from_config(prepared.config,
+                                            self.kv_dtype_name(prepared.config)), cache)
         del cache
-        tag = ModelTag(model_id, weights_fingerprint(path), dims)
+        tag = ModelTag(model_id, weights_fingerprint(prepared.path), dims)
         stats = LoadStats(time.perf_counter() - started, before, MemorySnapshot.now())
-        self.current = LoadedModel(model_id, path, model, tokenizer, config, tag, stats)
-        return self.current
+        loaded = LoadedModel(model_id, prepared.path, model, prepared.tokenizer,
+                             prepared.config, tag, stats, sum(a.nbytes for a in weights))
+        self.resident.append(loaded)
+        return loaded
 
-    def unload(self) -> UnloadStats:
-        """Drop the model and give its memory back to the system."""
-        if self.current is None:
-            raise RuntimeError("no model is loaded")
+    def unload(self, loaded: LoadedModel) -> UnloadStats:
+        """Drop ``loaded``'s weights and give their memory back to the system. The handle
+        itself may live on (in a swap's history, say): it no longer holds the weights."""
+        if loaded not in self.resident:
+            raise RuntimeError(f"{loaded.model_id} is not loaded")
         before = MemorySnapshot.now()
         started = time.perf_counter()
-        model_id = self.current.model_id
-        self.current = None
+        self.resident.remove(loaded)
+        loaded.model = None
         gc.collect()
         mx.clear_cache()
-        return UnloadStats(model_id, time.perf_counter() - started, before, MemorySnapshot.now())
+        return UnloadStats(loaded.model_id, time.perf_counter() - started, before,
+                           MemorySnapshot.now())

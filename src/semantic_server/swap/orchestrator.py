@@ -1,14 +1,23 @@
-"""ModelSwapOrchestrator: change the one loaded model without losing any agent's cache.
+"""ModelSwapOrchestrator: change the serving model without losing any agent's cache.
 
-A preflight checks the target before anything stops (a bad target is refused while the old
-model keeps serving). Then eight timed steps (``SwapStep``): drain, evict, shutdown, unload,
-load, reconfigure, retag, reinit. Every step that touches MLX runs on the engine thread.
-How a swap ends is a ``SwapOutcome``: a drain that times out or caches that cannot be
-written stop it before anything is unloaded (``aborted``); a failure from load onwards
-rolls back to the old model (``rolled_back``, with the rollback's own steps); if the
-rollback fails too the server is ``degraded`` until a later swap succeeds. The server's
-first load at startup runs the same bring-up steps. Requests that arrive meanwhile wait at
-the gate and run on whichever model is loaded when it reopens.
+A preflight checks the target before anything changes (a bad target is refused while the
+old model keeps serving) and plans the path by memory (``SwapMode``):
+
+* **dual** (ADR-013), when the target fits beside the serving model in the memory budget:
+  load it in slices on the engine thread while the old model keeps decoding, health-check
+  it, give it a batch lane and a cache tag, then *promote* it (new requests pin it from
+  then on), let requests pinned to the old model finish there (*retire*), write the old
+  model's hot caches to disk and unload it. Nobody is held. A failure before the
+  promotion unloads the target and the old model never noticed (``rolled_back``).
+* **sequential**, when it does not fit: eight timed steps (``SwapStep``): drain, evict,
+  shutdown, unload, load, reconfigure, retag, reinit. Requests that arrive meanwhile
+  wait at the gate. A drain that times out or caches that cannot be written stop it
+  before anything is unloaded (``aborted``); a failure from load onwards rolls back to
+  the old model (``rolled_back``, with the rollback's own steps); if the rollback fails
+  too the server is ``degraded`` until a later swap succeeds.
+
+Every step that touches MLX runs on the engine thread. The server's first load at startup
+runs the sequential bring-up steps.
 """
 
 from __future__ import annotations
@@ -26,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import psutil
 
 from semantic_server.cache.agent_store import AgentCacheStore
-from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import CacheTag
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.gate import AdmissionGate, ServerState
-from semantic_server.errors import CacheWriteError, ModelInvalid, SwapInProgress
+from semantic_server.engine.versions import ModelVersions, VersionState, log_transition
+from semantic_server.errors import ModelInvalid, ModelTooLarge, SwapInProgress
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import dims_from_config
 from semantic_server.models.registry import LoadedModel, ModelRegistry
@@ -40,10 +49,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Phase = Literal["startup", "swap", "rollback"]  # which bring-up a step's log line belongs to
+WARM_UP_SHARE = 0.1  # a load's working memory beyond its weights, as a share of them
+
+
+class SwapMode(StrEnum):
+    """Which path a swap takes; ``auto`` picks dual when the target fits beside."""
+
+    AUTO = "auto"
+    DUAL = "dual"
+    SEQUENTIAL = "sequential"
 
 
 class SwapStep(StrEnum):
-    """The eight steps of a swap, in the order they run."""
+    """The steps of both paths."""
 
     DRAIN = "drain"
     EVICT = "evict"
@@ -53,9 +71,13 @@ class SwapStep(StrEnum):
     RECONFIGURE = "reconfigure"
     RETAG = "retag"
     REINIT = "reinit"
+    WARM = "warm"
+    PROMOTE = "promote"
+    RETIRE = "retire"
 
 
-# A failure in these steps stops the swap with nothing changed; after them, it rolls back.
+# A failure in these steps of the sequential path stops it with nothing changed; after
+# them, it rolls back.
 ABORTABLE = (SwapStep.DRAIN, SwapStep.EVICT)
 
 
@@ -73,17 +95,41 @@ class StepTiming:
     ok: bool
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the preflight weighed: the target's memory against the budget."""
+
+    need_bytes: int  # the target's peak while it loads (see estimated_bytes)
+    resident_bytes: int  # the weights of the models resident now
+    budget_bytes: int  # SEMANTIC_MEMORY_BUDGET_BYTES
+    available_bytes: int  # memory the system has free now
+
+    @property
+    def fits_beside(self) -> bool:
+        """Whether the target can load while the resident models stay."""
+        return (self.need_bytes + self.resident_bytes <= self.budget_bytes
+                and self.need_bytes <= self.available_bytes)
+
+    @property
+    def fits_alone(self) -> bool:
+        """Whether the target can load once the resident models are unloaded."""
+        return (self.need_bytes <= self.budget_bytes
+                and self.need_bytes <= self.available_bytes + self.resident_bytes)
+
+
 @dataclass
 class SwapResult:
     status: SwapOutcome
     old_model_id: str | None
     new_model_id: str
+    mode: SwapMode = SwapMode.SEQUENTIAL  # the path that ran
     message: str = ""
     duration_ms: float = 0.0
     steps: list[StepTiming] = field(default_factory=list)
     rollback_steps: list[StepTiming] = field(default_factory=list)
     evicted_agents: int = 0
     failed_step: SwapStep | None = None
+    promotion_pause_ms: float | None = None  # dual: how long nobody could be admitted
     memory: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,7 +143,10 @@ class _StepFailed(Exception):
 
 
 def estimated_bytes(path: Path, config: dict[str, Any], compute_float32: bool) -> int:
-    """What the weights will occupy once loaded: a quantized file grows to float32 on CPU.
+    """The most memory loading the model takes: its weights once loaded, and a tenth more
+    for the warm-up. A quantized file grows to float32 on CPU, and its own weights stay in
+    memory while they are converted (measured: Gemma 3 270M's load peaks at about 1.5x
+    its float32 weights).
 
     A quantized weight of ``bits`` bits also carries its group's scale and bias (two 16-bit
     values per ``group_size`` weights, so ``32 / group_size`` bits more per weight); the
@@ -108,41 +157,70 @@ def estimated_bytes(path: Path, config: dict[str, Any], compute_float32: bool) -
     quantization = config.get("quantization") or {}
     bits = quantization.get("bits")
     if not (compute_float32 and bits):
-        return size
+        return int(size * (1 + WARM_UP_SHARE))
     bits_per_weight = bits + 32 / quantization.get("group_size", 64)
-    return int(size * 32 / bits_per_weight)
+    return int(size * 32 / bits_per_weight * (1 + WARM_UP_SHARE)) + size
 
 
 class ModelSwapOrchestrator:
     def __init__(self, *, catalog: ModelCatalog, registry: ModelRegistry, engine: BatchEngine,
-                 pool: BlockPool, store: AgentCacheStore, gate: AdmissionGate,
-                 observer: Observer, block_tokens: int, history: int = 20) -> None:
+                 store: AgentCacheStore, gate: AdmissionGate, versions: ModelVersions,
+                 observer: Observer, block_tokens: int, memory_budget_bytes: int,
+                 history: int = 20) -> None:
         self.catalog = catalog
         self.registry = registry
         self.engine = engine
-        self.pool = pool
         self.store = store
         self.gate = gate
+        self.versions = versions
         self.observer = observer
         self.block_tokens = block_tokens
+        self.memory_budget_bytes = memory_budget_bytes
         self.history: deque[SwapResult] = deque(maxlen=history)
+        self.swapping: SwapMode | None = None  # the path of the swap in progress, if any
         self._running: asyncio.Task | None = None
 
-    def preflight(self, model_id: str) -> None:
-        """Refuse a target that cannot work before anything stops (404 / 422)."""
+    def _tag(self, loaded: LoadedModel) -> CacheTag:
+        return CacheTag.for_model(loaded.tag, self.block_tokens)
+
+    def preflight(self, model_id: str) -> MemoryPlan:
+        """Refuse a target that cannot work before anything changes (404 / 422), and
+        weigh its memory against the budget."""
         path = self.catalog.resolve(model_id)
         config = self.catalog.read_config(model_id)
         try:
             dims_from_config(config, self.registry.kv_dtype_name(config))
         except ValueError as exc:
             raise ModelInvalid(f"model {model_id!r}: {exc}") from exc
-        current = self.registry.current
-        need = estimated_bytes(path, config, self.registry.compute_dtype is not None)
-        freed = current.stats.after.active_bytes if current else 0
-        available = psutil.virtual_memory().available + freed
-        if need > available:
-            raise ModelInvalid(f"model {model_id!r} needs about {need / 2**30:.1f} GiB; "
-                               f"{available / 2**30:.1f} GiB would be available")
+        plan = MemoryPlan(estimated_bytes(path, config, self.registry.compute_dtype is not None),
+                          sum(m.weight_bytes for m in self.registry.resident),
+                          self.memory_budget_bytes, psutil.virtual_memory().available)
+        if not plan.fits_alone:
+            raise ModelTooLarge(
+                f"model {model_id!r} needs about {plan.need_bytes / 2**30:.2f} GiB; the memory "
+                f"budget is {plan.budget_bytes / 2**30:.2f} GiB and "
+                f"{(plan.available_bytes + plan.resident_bytes) / 2**30:.2f} GiB would be free")
+        return plan
+
+    def _choose(self, model_id: str, plan: MemoryPlan, mode: SwapMode) -> SwapMode:
+        """The path a swap takes: dual when asked for or (auto) when the target fits beside
+        the serving model; a dual swap that cannot run is a 422 before anything happens."""
+        if mode is SwapMode.SEQUENTIAL:
+            return mode
+        if self.versions.serving is None:  # nothing serves: nothing to keep serving
+            if mode is SwapMode.DUAL:
+                raise ModelTooLarge("no model is serving, so there is nothing to load beside: "
+                                    "use mode sequential or auto")
+            return SwapMode.SEQUENTIAL
+        if plan.fits_beside:
+            return SwapMode.DUAL
+        if mode is SwapMode.DUAL:
+            raise ModelTooLarge(
+                f"model {model_id!r} needs about {plan.need_bytes / 2**30:.2f} GiB beside "
+                f"{plan.resident_bytes / 2**30:.2f} GiB of resident weights; the memory "
+                f"budget is {plan.budget_bytes / 2**30:.2f} GiB and "
+                f"{plan.available_bytes / 2**30:.2f} GiB is free: use mode sequential or auto")
+        return SwapMode.SEQUENTIAL
 
     async def start(self, model_id: str) -> LoadedModel:
         """The server's first model: the bring-up steps of a swap, with nothing to undo."""
@@ -151,7 +229,8 @@ class ModelSwapOrchestrator:
         except _StepFailed as failure:
             raise failure.__cause__ from None
 
-    async def swap(self, model_id: str, timeout_seconds: float = 60.0) -> SwapResult:
+    async def swap(self, model_id: str, timeout_seconds: float = 60.0,
+                   mode: SwapMode = SwapMode.AUTO) -> SwapResult:
         """Swap to ``model_id``; every swap that passed its preflight ends in history and
         metrics with its outcome, whatever that is.
 
@@ -161,18 +240,29 @@ class ModelSwapOrchestrator:
         """
         if self._running is not None:
             raise SwapInProgress("another swap is in progress")
-        self._running = asyncio.create_task(self._swap_once(model_id, timeout_seconds))
+        self._running = asyncio.create_task(self._swap_once(model_id, timeout_seconds, mode))
         return await asyncio.shield(self._running)
 
-    async def _swap_once(self, model_id: str, timeout_seconds: float) -> SwapResult:
+    async def _swap_once(self, model_id: str, timeout: float, mode: SwapMode) -> SwapResult:
         try:
             # Resolving may read files or download a hub repo: not on the event loop.
-            await asyncio.to_thread(self.preflight, model_id)
-            result = await self._swap(model_id, timeout_seconds)
+            plan = await asyncio.to_thread(self.preflight, model_id)
+            self.swapping = self._choose(model_id, plan, mode)
+            old = self.versions.loaded
+            result = SwapResult(SwapOutcome.SUCCESS, old.model_id if old else None, model_id,
+                                self.swapping)
+            result.memory["plan"] = asdict(plan)
+            started = time.perf_counter()
+            if self.swapping is SwapMode.DUAL:
+                await self._dual(result, old, model_id)
+            else:
+                await self._sequential(result, old, model_id, timeout)
+            result.duration_ms = (time.perf_counter() - started) * 1e3
             self.history.append(result)
             self.observer.swap_finished(result)
             return result
         finally:
+            self.swapping = None
             self._running = None
 
     async def _timed(self, steps: list[StepTiming], name: SwapStep,
@@ -196,39 +286,115 @@ class ModelSwapOrchestrator:
         """A timed step that touches MLX, the pool or the caches: run on the engine thread."""
         return await self._timed(steps, name, lambda: self.engine.on_thread(fn), phase)
 
+    # ---- the dual path ---------------------------------------------------------------
+    async def _dual(self, result: SwapResult, old: LoadedModel, model_id: str) -> None:
+        """Load beside, promote, retire the old model after its last request, reclaim it."""
+        steps = result.steps
+        new: LoadedModel | None = None
+        try:
+            log_transition(model_id, VersionState.LOADING)
+
+            async def load() -> LoadedModel:
+                prepared = await asyncio.to_thread(self.registry.prepare, model_id)
+                return await self.engine.sliced(lambda: self.registry.load_slices(prepared))
+
+            new = await self._timed(steps, SwapStep.LOAD, load)
+            log_transition(new, VersionState.WARMING)
+            loaded = new
+            await self._timed(steps, SwapStep.WARM, lambda: self.engine.sliced(
+                lambda: self.registry.health_check(loaded)))
+            await self._engine_step(steps, SwapStep.RECONFIGURE,
+                                    lambda: self.engine.attach(loaded, self._tag(loaded)))
+            await self._engine_step(steps, SwapStep.RETAG,
+                                    lambda: self.store.add_model(self._tag(loaded), loaded.dims))
+        except _StepFailed as failure:
+            await self.engine.on_thread(lambda: self._discard(new))
+            result.status, result.failed_step = SwapOutcome.ROLLED_BACK, failure.step
+            result.message = f"{failure}; {old.model_id} kept serving throughout"
+            log.warning("swap rolled back", extra={"fields": {"reason": result.message}})
+            return
+        result.memory["peak_during_load"] = new.stats.after.peak_bytes
+        result.memory["weights_old"] = old.weight_bytes
+        result.memory["weights_new"] = new.weight_bytes
+        started = time.perf_counter()
+        pause = self.versions.promote(new)
+        steps.append(StepTiming(SwapStep.PROMOTE, (time.perf_counter() - started) * 1e3, True))
+        result.promotion_pause_ms = pause * 1e3
+        result.message = f"swapped {old.model_id} -> {model_id} beside; nobody was held"
+        await self._retire(result, old)
+
+    async def _retire(self, result: SwapResult, old: LoadedModel) -> None:
+        """After a promotion: wait for the old model's last request, write its hot caches
+        to disk and give its memory back. A cache that cannot be written (a full disk)
+        stays hot in memory under its tag, never lost."""
+        steps = result.steps
+        await self._timed(steps, SwapStep.RETIRE, lambda: self.versions.retire(old))
+        tag = self._tag(old)
+        try:
+            evicted = await self._engine_step(steps, SwapStep.EVICT,
+                                              lambda: self.store.evict_all(tag))
+            result.evicted_agents = len(evicted)
+            await self._engine_step(steps, SwapStep.SHUTDOWN, lambda: self._drop_lane(old))
+        except _StepFailed as failure:
+            result.message += f"; {failure}: the old model's caches stay in memory"
+            await self._engine_step(steps, SwapStep.SHUTDOWN,
+                                    lambda: self.engine.detach(old))
+        unload = await self._engine_step(steps, SwapStep.UNLOAD,
+                                         lambda: self.registry.unload(old))
+        result.memory.update(active_before_unload=unload.before.active_bytes,
+                             active_after_unload=unload.after.active_bytes,
+                             rss_after_unload=unload.after.rss_bytes)
+        log_transition(old, VersionState.RECLAIMED)
+
+    def _drop_lane(self, loaded: LoadedModel) -> None:
+        """Engine thread: the model's lane and cache tag go (its caches are on disk)."""
+        self.engine.detach(loaded)
+        self.store.remove_model(self._tag(loaded))
+
+    def _discard(self, loaded: LoadedModel | None) -> None:
+        """Engine thread: undo a target that failed before its promotion (nothing ran on
+        it, so it holds no agent's cache)."""
+        if loaded is None:
+            return
+        self._drop_lane(loaded)
+        self.registry.unload(loaded)
+
+    # ---- the sequential path ---------------------------------------------------------
     async def _bring_up(self, steps: list[StepTiming], model_id: str,
                         phase: Phase = "swap") -> LoadedModel:
-        """Steps 5-8: load, reconfigure, retag, reinit."""
+        """Steps 5-8: load, reconfigure (a batch lane), retag (the store takes its
+        caches), reinit (new requests go to it)."""
         loaded = await self._engine_step(steps, SwapStep.LOAD,
                                          lambda: self.registry.load(model_id), phase)
         await self._engine_step(steps, SwapStep.RECONFIGURE,
-                                lambda: self.pool.reconfigure(loaded.dims), phase)
-        tag = CacheTag.for_model(loaded.tag, self.block_tokens)
-        await self._engine_step(steps, SwapStep.RETAG, lambda: self.store.retag(tag), phase)
-        await self._engine_step(steps, SwapStep.REINIT, lambda: self.engine.attach(loaded),
+                                lambda: self.engine.attach(loaded, self._tag(loaded)), phase)
+        await self._engine_step(steps, SwapStep.RETAG,
+                                lambda: self.store.add_model(self._tag(loaded), loaded.dims),
                                 phase)
+
+        async def reinit() -> None:
+            self.versions.promote(loaded)
+
+        await self._timed(steps, SwapStep.REINIT, reinit, phase)
         return loaded
 
-    async def _swap(self, model_id: str, timeout: float) -> SwapResult:
-        old = self.registry.current.model_id if self.registry.current else None
-        result = SwapResult(SwapOutcome.SUCCESS, old, model_id)
-        started = time.perf_counter()
+    async def _sequential(self, result: SwapResult, old: LoadedModel | None, model_id: str,
+                          timeout: float) -> None:
         self.gate.transition(ServerState.SWAPPING)
         try:
-            await self._take_down(result, timeout)
+            await self._take_down(result, old, timeout)
             loaded = await self._bring_up(result.steps, model_id)
             result.memory["active_after_load"] = loaded.stats.after.active_bytes
-            result.message = f"swapped {old} -> {model_id}"
+            result.message = f"swapped {result.old_model_id} -> {model_id}"
             self.gate.transition(ServerState.READY)
         except _StepFailed as failure:
             if failure.step in ABORTABLE:  # nothing unloaded, nothing lost
-                self._abort(result, failure, old)
+                self._abort(result, failure)
             else:
-                await self._recover(result, old, failure)
-        result.duration_ms = (time.perf_counter() - started) * 1e3
-        return result
+                await self._recover(result, failure)
 
-    async def _take_down(self, result: SwapResult, timeout: float) -> None:
+    async def _take_down(self, result: SwapResult, old: LoadedModel | None,
+                         timeout: float) -> None:
         """Steps 1-4: drain, evict, shutdown, unload. A failure in the first two aborts."""
         async def drain() -> None:
             if not await self.gate.drain(timeout):
@@ -238,29 +404,35 @@ class ModelSwapOrchestrator:
         await self._timed(result.steps, SwapStep.DRAIN, drain)
         evicted = await self._engine_step(result.steps, SwapStep.EVICT, self.store.evict_all)
         result.evicted_agents = len(evicted)
-        await self._engine_step(result.steps, SwapStep.SHUTDOWN, self.engine.detach)
-        if self.registry.current is None:
+        self.versions.withdraw()
+        if old is None:  # degraded: nothing was serving
+            result.steps.append(StepTiming(SwapStep.SHUTDOWN, 0.0, True))
             result.steps.append(StepTiming(SwapStep.UNLOAD, 0.0, True))
             return
-        unload = await self._engine_step(result.steps, SwapStep.UNLOAD, self.registry.unload)
-        result.memory = {"active_before_unload": unload.before.active_bytes,
-                         "active_after_unload": unload.after.active_bytes,
-                         "rss_after_unload": unload.after.rss_bytes}
+        await self._engine_step(result.steps, SwapStep.SHUTDOWN, lambda: self._drop_lane(old))
+        unload = await self._engine_step(result.steps, SwapStep.UNLOAD,
+                                         lambda: self.registry.unload(old))
+        result.memory.update(active_before_unload=unload.before.active_bytes,
+                             active_after_unload=unload.after.active_bytes,
+                             rss_after_unload=unload.after.rss_bytes)
 
-    def _abort(self, result: SwapResult, failure: _StepFailed, old: str | None) -> None:
+    def _abort(self, result: SwapResult, failure: _StepFailed) -> None:
         result.status = SwapOutcome.ABORTED
         result.failed_step = failure.step
         kept = ("every agent cache stays in memory" if failure.step is SwapStep.EVICT
                 else "running requests go on")
-        result.message = f"{failure}; nothing was unloaded, {old} keeps serving and {kept}"
+        result.message = (f"{failure}; nothing was unloaded, {result.old_model_id} keeps "
+                          f"serving and {kept}")
         self.gate.transition(ServerState.READY)
         log.warning("swap aborted", extra={"fields": {"reason": result.message}})
 
-    async def _recover(self, result: SwapResult, old: str | None, failure: _StepFailed) -> None:
-        """Roll back to ``old``; if that fails too, the server is degraded."""
+    async def _recover(self, result: SwapResult, failure: _StepFailed) -> None:
+        """Roll back to the old model; if that fails too, the server is degraded."""
+        old = result.old_model_id
         reason = str(failure)
         result.failed_step = failure.step
         try:
+            self.versions.withdraw()
             await self.engine.on_thread(self._drop_partial)
             if old is None:
                 raise RuntimeError("no previous model to roll back to")
@@ -278,12 +450,7 @@ class ModelSwapOrchestrator:
         log.warning("swap rolled back", extra={"fields": {"reason": result.message}})
 
     def _drop_partial(self) -> None:
-        """Engine thread: forget whatever half-finished state the failed swap left."""
-        if self.engine.loaded is not None:
-            try:
-                self.store.evict_all()
-            except CacheWriteError as exc:  # the half-up model's caches are not worth a failure
-                log.error("dropping caches of a failed swap: %s", exc)
-            self.engine.detach()
-        if self.registry.current is not None:
-            self.registry.unload()
+        """Engine thread: forget the half-up model a failed bring-up left (it never served,
+        so it holds no agent's cache)."""
+        for loaded in list(self.registry.resident):
+            self._discard(loaded)

@@ -1,0 +1,120 @@
+"""Which model version a request runs on: the serving one, and those retiring.
+
+A request pins the version that serves when it starts and holds the pin to its end, so it
+runs entirely on one model. A promotion switches which version new requests pin: one
+assignment on the event loop, where every pin is taken, so no request can see half of it.
+The version it replaced retires: its pinned requests finish on it, and it is reclaimed
+only after the last one ends (the atomic-pointer-plus-refcount pattern of hot swapping).
+All methods run on the asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from semantic_server.errors import GenerationFailed
+from semantic_server.models.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class VersionState(StrEnum):
+    """Where a model version is in its life (each change is logged)."""
+
+    LOADING = "loading"  # being loaded beside the serving model
+    WARMING = "warming"  # loaded, its health check running
+    SERVING = "serving"  # new requests pin it
+    RETIRING = "retiring"  # replaced: its pinned requests finish on it
+    RETIRED = "retired"  # its last request ended
+    RECLAIMED = "reclaimed"  # its caches written, its memory given back
+
+
+def log_transition(loaded: LoadedModel | str, state: VersionState, **fields: object) -> None:
+    """One log line per lifecycle transition of a model version."""
+    model_id = loaded if isinstance(loaded, str) else loaded.model_id
+    version = None if isinstance(loaded, str) else loaded.version
+    log.info("model version", extra={"fields": {
+        "model": model_id, "version": version, "state": state.value, **fields}})
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """A loaded model as requests see it: how many are pinned to it, and when the last
+    one left."""
+
+    loaded: LoadedModel
+    state: VersionState = VersionState.SERVING
+    pins: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+
+class ModelVersions:
+    def __init__(self) -> None:
+        self.serving: ModelVersion | None = None
+        self.retiring: list[ModelVersion] = []
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The model new requests run on."""
+        return self.serving.loaded if self.serving else None
+
+    def pinned(self) -> dict[int, tuple[str, int]]:
+        """Requests pinned per version: version -> (model id, pins)."""
+        versions = [*([self.serving] if self.serving else []), *self.retiring]
+        return {v.loaded.version: (v.loaded.model_id, v.pins) for v in versions}
+
+    @contextmanager
+    def pin(self) -> Iterator[LoadedModel]:
+        """Hold the serving version for the body: it is not reclaimed before the body ends."""
+        version = self.serving
+        if version is None:
+            raise GenerationFailed("no model is loaded")
+        version.pins += 1
+        version._idle.clear()
+        try:
+            yield version.loaded
+        finally:
+            version.pins -= 1
+            if version.pins == 0:
+                version._idle.set()
+
+    def promote(self, loaded: LoadedModel) -> float:
+        """New requests pin ``loaded`` from now on; the version it replaces retires.
+        Returns how long the switch took, in seconds (nothing is admitted meanwhile)."""
+        started = time.perf_counter()
+        old, self.serving = self.serving, ModelVersion(loaded)
+        if old is not None:
+            old.state = VersionState.RETIRING
+            self.retiring.append(old)
+        pause = time.perf_counter() - started
+        log_transition(loaded, VersionState.SERVING, promotion_pause_ms=round(pause * 1e3, 4))
+        if old is not None:
+            log_transition(old.loaded, VersionState.RETIRING, pinned=old.pins)
+        return pause
+
+    def withdraw(self) -> LoadedModel | None:
+        """No version serves any more (a sequential swap's shutdown, after its drain)."""
+        old, self.serving = self.serving, None
+        if old is not None and old.pins:
+            self.serving = old
+            raise RuntimeError(f"{old.pins} requests still run on {old.loaded.model_id}")
+        return old.loaded if old else None
+
+    async def retire(self, loaded: LoadedModel) -> None:
+        """Wait until the last request pinned to retiring ``loaded`` has ended."""
+        version = next((v for v in self.retiring if v.loaded is loaded), None)
+        if version is None:
+            return
+        await version._idle.wait()
+        version.state = VersionState.RETIRED
+        self.retiring.remove(version)
+        log_transition(loaded, VersionState.RETIRED)
