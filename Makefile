@@ -44,6 +44,7 @@ experiments: setup
 	$(PY) -m experiments.exp013_cache_restore
 	$(PY) -m experiments.exp014_agents_round_trip
 	$(PY) -m experiments.exp014_agents_round_trip --agents 64
+	$(PY) -m experiments.exp015_swap_under_load
 
 clean-models:
 	rm -rf models .cache/models

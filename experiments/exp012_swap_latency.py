@@ -26,7 +26,7 @@ from experiments.harness import (
     write_results,
 )
 from semantic_server.models.registry import resolve_compute_dtype
-from semantic_server.swap.orchestrator import SwapStep
+from semantic_server.swap.orchestrator import SEQUENTIAL_STEPS
 
 
 def raw_load_seconds(harness: Harness, model_id: str) -> float:
@@ -105,7 +105,7 @@ def main() -> None:
                 "total_median_ms": statistics.median(totals),
                 "total_min_ms": min(totals), "total_max_ms": max(totals),
                 "steps_median_ms": {s: statistics.median(r["steps_ms"][s] for r in group)
-                                    for s in SwapStep},
+                                    for s in SEQUENTIAL_STEPS},
                 "control_overhead_median_ms": statistics.median(overhead),
                 "floor_ms": floor,
                 "total_over_floor": statistics.median(totals) / floor,
@@ -118,7 +118,7 @@ def main() -> None:
     labels = [f"{short[s['source']]}->{short[s['target']]}\n{s['agents']} agents"
               for s in summary]
     bottom = [0.0] * len(summary)
-    for step in SwapStep:
+    for step in SEQUENTIAL_STEPS:
         values = [s["steps_median_ms"][step] / 1e3 for s in summary]
         ax.bar(labels, values, bottom=bottom, label=step)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]

@@ -83,8 +83,10 @@ def _table(rows: list[list[str]]) -> str:
 
 def _swap(args: argparse.Namespace, settings: Settings) -> None:
     result = _admin(settings, args.url, "POST", "/admin/models/swap",
-                    {"model_id": args.model, "timeout_seconds": args.timeout})
-    print(f"{result['status']}: {result['message']} ({result['duration_ms'] / 1e3:.2f} s, "
+                    {"model_id": args.model, "timeout_seconds": args.timeout,
+                     "mode": args.mode})
+    print(f"{result['status']} ({result['mode']} path): {result['message']} "
+          f"({result['duration_ms'] / 1e3:.2f} s, "
           f"{result['evicted_agents']} agent caches written to disk)")
     rows = [["step", "ms", "ok"]] + [[s["name"], f"{s['duration_ms']:.1f}", str(s["ok"])]
                                     for s in result["steps"]]
@@ -148,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "swap":
             command.add_argument("model", help="model id to swap to")
             command.add_argument("--timeout", type=float, default=60.0,
-                                 help="seconds to wait for running requests")
+                                 help="sequential path: seconds to wait for running requests")
+            command.add_argument("--mode", choices=["auto", "dual", "sequential"],
+                                 default="auto", help="dual loads the target beside the "
+                                 "serving model (nobody waits); auto picks it when it fits")
         command.add_argument("--url", help="server URL (default: SEMANTIC_HOST:SEMANTIC_PORT)")
         command.set_defaults(run=run)
 

@@ -7,6 +7,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from experiments.servers import ServerProcess
+from semantic_server.swap import orchestrator
 
 KEY = "test-admin-key"
 ADMIN = {"X-Admin-Key": KEY}
@@ -18,10 +19,8 @@ HISTORY = (
 ) * 30
 
 
-SEQUENTIAL_STEPS = ["drain", "evict", "shutdown", "unload", "load", "reconfigure", "retag",
-                    "reinit"]
-DUAL_STEPS = ["load", "warm", "reconfigure", "retag", "promote", "retire", "evict",
-              "shutdown", "unload"]
+SEQUENTIAL_STEPS = [step.value for step in orchestrator.SEQUENTIAL_STEPS]
+DUAL_STEPS = [step.value for step in orchestrator.DUAL_STEPS]
 
 
 def swap(server: ServerProcess, model_id: str, **extra) -> httpx.Response:
@@ -38,4 +37,7 @@ def scrape(server: ServerProcess) -> dict[tuple, float]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(sample for (sample_name, sample_labels), sample in samples.items()
+               if sample_name == name and wanted <= set(sample_labels))

@@ -104,7 +104,7 @@ def test_cli_drives_a_running_server(models_dir, tmp_path):
         assert "cli-agent" in agents.stdout and "hot" in agents.stdout
         swapped = cli("swap", SMOLLM2)
         assert swapped.returncode == 0 and "success" in swapped.stdout
-        assert all(step in swapped.stdout for step in ("drain", "evict", "reinit"))
+        assert all(step in swapped.stdout for step in ("dual path", "promote", "retire"))
         assert "cold" in cli("agents").stdout
         unknown = cli("swap", "no-such-model")
         assert unknown.returncode == 1 and "404" in unknown.stderr

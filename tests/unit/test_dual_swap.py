@@ -13,14 +13,11 @@ import pytest
 from semantic_server.engine.batch_engine import SHARED_PREFIX
 from semantic_server.engine.gate import ServerState
 from semantic_server.errors import ModelTooLarge, SwapInProgress
-from semantic_server.swap.orchestrator import SwapMode, SwapOutcome, SwapStep
+from semantic_server.swap.orchestrator import DUAL_STEPS, SwapMode, SwapOutcome, SwapStep
 from tests.fakes import WEIGHT_BYTES, run_turn
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.anyio
-DUAL_STEPS = [SwapStep.LOAD, SwapStep.WARM, SwapStep.RECONFIGURE, SwapStep.RETAG,
-              SwapStep.PROMOTE, SwapStep.RETIRE, SwapStep.EVICT, SwapStep.SHUTDOWN,
-              SwapStep.UNLOAD]
 
 
 def _serving(server) -> list[tuple[str, str]]:
@@ -150,3 +147,15 @@ async def test_caches_that_cannot_be_written_after_promotion_stay_hot(server, fa
     assert (await server.orchestrator.swap("fake-a")).status is SwapOutcome.SUCCESS
     again = await run_turn(server.service, "writer", "keep me")
     assert again.outcome.cached_tokens > 0 and server.store.lookups["hot"] == 1
+
+
+async def test_a_swap_to_the_serving_model_shares_its_tag_and_caches(server, fake_models):
+    # The same weights load beside themselves (a reload): one cache tag for both loads,
+    # so the old load's leaving must not take the tag the new one serves under.
+    first = await run_turn(server.service, "same", "Remember this")
+    result = await server.orchestrator.swap("fake-a")
+    assert result.status is SwapOutcome.SUCCESS and result.mode is SwapMode.DUAL
+    again = await run_turn(server.service, "same", "Remember this")
+    assert again.admitted.model_id == "fake-a"
+    assert again.outcome.cached_tokens == first.outcome.prompt_tokens - 1  # from disk
+    assert fake_models["fake-a"].loads == 2 and fake_models["fake-a"].unloads == 1

@@ -18,14 +18,17 @@ from semantic_server.errors import (
     ServiceDegraded,
     SwapInProgress,
 )
-from semantic_server.swap.orchestrator import SwapMode, SwapOutcome, SwapStep
+from semantic_server.swap.orchestrator import (
+    SEQUENTIAL_STEPS,
+    SwapMode,
+    SwapOutcome,
+    SwapStep,
+)
 from tests.fakes import run_turn
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.anyio
 SEQUENTIAL = SwapMode.SEQUENTIAL
-SEQUENTIAL_STEPS = [SwapStep.DRAIN, SwapStep.EVICT, SwapStep.SHUTDOWN, SwapStep.UNLOAD,
-                    SwapStep.LOAD, SwapStep.RECONFIGURE, SwapStep.RETAG, SwapStep.REINIT]
 
 
 def _steps(timings) -> list[tuple[SwapStep, bool]]:

@@ -99,7 +99,8 @@ class AgentCacheStore:
         self.write_failures = 0
         self.read_failures = 0  # transient: the file could not be read then, and stayed
         self.disk_deletions = 0  # cold caches deleted to keep within the disk budget
-        self._models: dict[str, tuple[CacheTag, ModelDims]] = {}  # digest -> resident model
+        # digest -> a resident model's tag, dims and how many resident loads share them
+        self._models: dict[str, tuple[CacheTag, ModelDims, int]] = {}
         self._hot: dict[HotKey, AgentCache] = {}
         self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
 
@@ -121,14 +122,23 @@ class AgentCacheStore:
 
     # ---- models ----------------------------------------------------------------------
     def add_model(self, tag: CacheTag, dims: ModelDims) -> None:
-        """Take caches of a newly resident model (its cold caches are found by tag)."""
-        self._models[tag.digest] = (tag, dims)
+        """Take caches of a newly resident model (its cold caches are found by tag). Two
+        resident loads of the same weights (a swap to the model already serving) share
+        one tag, and their caches: counted, so the first to leave does not take it."""
+        _, _, count = self._models.get(tag.digest, (tag, dims, 0))
+        self._models[tag.digest] = (tag, dims, count + 1)
 
     def remove_model(self, tag: CacheTag) -> None:
-        """Forget a model that leaves (evict its hot caches first)."""
+        """Forget a model that leaves (its last load evicts its hot caches first)."""
+        if tag.digest not in self._models:
+            return
+        _, dims, count = self._models[tag.digest]
+        if count > 1:
+            self._models[tag.digest] = (tag, dims, count - 1)
+            return
         if any(digest == tag.digest for digest, _ in self._hot):
             raise RuntimeError(f"{tag.model_id} still has hot caches: evict them first")
-        self._models.pop(tag.digest, None)
+        del self._models[tag.digest]
 
     def _dims(self, tag: CacheTag) -> ModelDims:
         try:

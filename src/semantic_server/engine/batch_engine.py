@@ -303,15 +303,21 @@ class BatchEngine:
                     pass
                 if self._sliced and not self._stopping:
                     self._run_slice()
-                for lane in list(self._lanes.values()):
-                    if lane.jobs and not self._stopping:
-                        self._step(lane)
+                self._step_lanes()
         except BaseException as exc:  # the thread is dying: say so, fail everyone at once
             self.failure = f"{type(exc).__name__}: {exc}"
             log.critical("the engine thread stopped", exc_info=exc)
             self._fail_all(EngineStopped(self.failure))
             while not self._stopping:  # answer what still arrives, run nothing
                 self._execute(self._commands.get())
+
+    def _step_lanes(self) -> None:
+        """One step of every busy lane. (A method of its own, so that no lane outlives
+        this call in a variable of the thread's loop: a detached lane must not keep its
+        model's weights alive.)"""
+        for lane in list(self._lanes.values()):
+            if lane.jobs and not self._stopping:
+                self._step(lane)
 
     def _execute(self, command: Callable[[], None]) -> None:
         """Run one command; a failing command is logged, never the end of the thread."""
@@ -427,9 +433,12 @@ class BatchEngine:
                 logits_processors=[[job.logits_processor] if job.logits_processor else []])
         except Exception as exc:  # a bad job must not take the engine or its cache down
             log.exception("could not admit request %s", job.request_id)
-            self.store.unreserve(job.request_id)
-            if cache is not None:
-                self._checkin(lane, job, cache, job.prompt[:cached])
+            try:
+                self.store.unreserve(job.request_id)
+                if cache is not None:
+                    self._checkin(lane, job, cache, job.prompt[:cached])
+            except Exception:  # the job is answered whatever happens to its cache
+                log.exception("could not put back the cache of request %s", job.request_id)
             job.emit(Failed(exc))
             return
         lane.jobs[uid] = job

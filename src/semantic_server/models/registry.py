@@ -33,7 +33,7 @@ from semantic_server.models.fingerprint import weights_fingerprint
 from semantic_server.models.tag import ModelTag
 
 TOKENIZERS_KEPT = 4
-SLICE_BYTES = 16 * 2**20  # weights evaluated per slice of a sliced load
+SLICE_BYTES = 4 * 2**20  # weights evaluated per slice of a sliced load
 HEALTH_TOKENS = 4  # tokens a health check generates
 _versions = itertools.count(1)
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -139,6 +139,37 @@ def _slices(arrays: list[mx.array], nbytes: int) -> list[list[mx.array]]:
     return groups
 
 
+def _large_quantized(model: Any) -> dict[str, Any]:
+    """The quantized layers whose float weights would take more than a few slices (an
+    embedding table, a tied output head), by name."""
+    import mlx.nn as nn
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding)
+            and module.weight.shape[0] * module.weight.shape[1] * 32 // module.bits * 4
+            > 4 * SLICE_BYTES}
+
+
+def _dequantize_in_slices(quantized: Any, dtype: mx.Dtype) -> Generator[None, None, mx.array]:
+    """A quantized layer's weights in ``dtype``, computed a band of rows per slice (the
+    same operations as a whole-matrix dequantize, so the same values)."""
+    weight, rows = quantized.weight, quantized.weight.shape[0]
+    row_bytes = weight.shape[1] * 32 // quantized.bits * 4
+    step = max(1, SLICE_BYTES // row_bytes)
+    bands = []
+    for start in range(0, rows, step):
+        band = mx.dequantize(weight[start:start + step], quantized.scales[start:start + step],
+                             quantized.biases[start:start + step], quantized.group_size,
+                             quantized.bits, quantized.mode).astype(dtype)
+        mx.eval(band)
+        bands.append(band)
+        yield
+    dense = mx.concatenate(bands)
+    del bands
+    mx.eval(dense)
+    return dense
+
+
 def _health_check(loaded: LoadedModel) -> Generator[None, None, None]:
     cache = loaded.model.make_cache()
     tokens = mx.array([loaded.tokenizer.encode("The capital of France is")[:16] or [0]])
@@ -220,8 +251,14 @@ class ModelRegistry:
         try:
             model, _ = load_model(prepared.path, lazy=True)
             if self.compute_dtype is not None:
+                large = _large_quantized(model)
                 model = dequantize_model(model)
                 model.set_dtype(self.compute_dtype)
+                dense = dict(model.named_modules())
+                for name, quantized in large.items():  # not one long stall for a big table
+                    dense[name].weight = yield from _dequantize_in_slices(
+                        quantized, self.compute_dtype)
+                del large, dense
             weights = [array for _, array in tree_flatten(model.parameters())]
             for group in _slices(weights, SLICE_BYTES):
                 yield

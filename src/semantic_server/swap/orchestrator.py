@@ -76,6 +76,11 @@ class SwapStep(StrEnum):
     RETIRE = "retire"
 
 
+SEQUENTIAL_STEPS = (SwapStep.DRAIN, SwapStep.EVICT, SwapStep.SHUTDOWN, SwapStep.UNLOAD,
+                    SwapStep.LOAD, SwapStep.RECONFIGURE, SwapStep.RETAG, SwapStep.REINIT)
+DUAL_STEPS = (SwapStep.LOAD, SwapStep.WARM, SwapStep.RECONFIGURE, SwapStep.RETAG,
+              SwapStep.PROMOTE, SwapStep.RETIRE, SwapStep.EVICT, SwapStep.SHUTDOWN,
+              SwapStep.UNLOAD)
 # A failure in these steps of the sequential path stops it with nothing changed; after
 # them, it rolls back.
 ABORTABLE = (SwapStep.DRAIN, SwapStep.EVICT)
@@ -384,7 +389,9 @@ class ModelSwapOrchestrator:
         try:
             await self._take_down(result, old, timeout)
             loaded = await self._bring_up(result.steps, model_id)
-            result.memory["active_after_load"] = loaded.stats.after.active_bytes
+            result.memory.update(active_after_load=loaded.stats.after.active_bytes,
+                                 weights_old=old.weight_bytes if old else 0,
+                                 weights_new=loaded.weight_bytes)
             result.message = f"swapped {result.old_model_id} -> {model_id}"
             self.gate.transition(ServerState.READY)
         except _StepFailed as failure:
