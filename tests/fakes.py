@@ -173,6 +173,15 @@ def write_model_dirs(root: Path, model_ids: list[str]) -> Path:
     return root
 
 
+def block_cache_writes(cache_dir: Path, tag_digest: str) -> Path:
+    """Make every cache write of a tag fail for real (an OSError): a plain file stands
+    where the tag's folder should be. Returns it, for the test to remove."""
+    blocker = cache_dir / tag_digest
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the folder should be: every write fails")
+    return blocker
+
+
 def append_tokens(layers: list[Any], tokens: list[int]) -> None:
     """Grow each layer's cache by ``tokens``; every key and value holds its token's id."""
     if not tokens:

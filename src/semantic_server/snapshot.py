@@ -35,7 +35,7 @@ class PoolState:
 
 
 @dataclass(frozen=True)
-class VersionState:
+class VersionInfo:
     """A resident model version and the requests pinned to it."""
 
     model_id: str
@@ -53,7 +53,7 @@ class ServerSnapshot:
     dims: ModelDims | None
     tag: str | None  # digest of the active cache tag
     fingerprint: str | None
-    versions: tuple[VersionState, ...]
+    versions: tuple[VersionInfo, ...]
     swapping: str | None  # the path of the swap in progress (dual | sequential), if any
     memory_budget_bytes: int
     in_flight: int
@@ -116,7 +116,7 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
         dims=loaded.dims if loaded else None,
         tag=tag.digest if tag else None,
         fingerprint=loaded.tag.fingerprint if loaded else None,
-        versions=tuple(VersionState(model_id, version, "serving" if loaded and
+        versions=tuple(VersionInfo(model_id, version, "serving" if loaded and
                                     version == loaded.version else "retiring", pins)
                        for version, (model_id, pins) in versions.pinned().items()),
         swapping=orchestrator.swapping.value if orchestrator.swapping else None,

@@ -8,7 +8,7 @@ import httpx
 
 from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
-from tests.e2e.helpers import ADMIN, GREEDY, KEY, scrape, swap, value
+from tests.e2e.helpers import ADMIN, DUAL_STEPS, GREEDY, KEY, scrape, swap, value
 
 
 def test_metrics_logs_and_request_ids(models_dir, tmp_path):
@@ -75,10 +75,11 @@ def test_metrics_logs_and_request_ids(models_dir, tmp_path):
     assert startup[:4] == ["load", "reconfigure", "retag", "reinit"]  # then the restart's
     steps = [line["step"] for line in lines if line["event"] == "swap step"
              and line["phase"] == "swap"]
-    assert steps[:8] == ["drain", "evict", "shutdown", "unload", "load", "reconfigure",
-                         "retag", "reinit"]
-    assert any(line["event"] == "server state" and line.get("to") == "swapping"
-               for line in lines)
+    assert steps[:9] == DUAL_STEPS
+    # one line per lifecycle transition of a model version, in order
+    lifecycle = [line["state"] for line in lines if line["event"] == "model version"]
+    assert lifecycle[:7] == ["serving", "loading", "warming", "serving", "retiring", "retired",
+                             "reclaimed"]
 
 
 def test_cli_drives_a_running_server(models_dir, tmp_path):

@@ -14,7 +14,7 @@ from semantic_server.engine.batch_engine import SHARED_PREFIX
 from semantic_server.engine.gate import ServerState
 from semantic_server.errors import ModelTooLarge, SwapInProgress
 from semantic_server.swap.orchestrator import DUAL_STEPS, SwapMode, SwapOutcome, SwapStep
-from tests.fakes import WEIGHT_BYTES, run_turn
+from tests.fakes import WEIGHT_BYTES, block_cache_writes, run_turn
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -134,9 +134,7 @@ async def test_with_nothing_serving_only_the_sequential_path_runs(server, fake_m
 async def test_caches_that_cannot_be_written_after_promotion_stay_hot(server, fake_models,
                                                                        tmp_path):
     await run_turn(server.service, "writer", "keep me")
-    tag_folder = tmp_path / "caches" / server.snapshot().tag
-    tag_folder.parent.mkdir(parents=True, exist_ok=True)
-    tag_folder.write_text("a file where the folder should be: every write fails")
+    tag_folder = block_cache_writes(tmp_path / "caches", server.snapshot().tag)
     result = await server.orchestrator.swap("fake-b")
     assert result.status is SwapOutcome.SUCCESS and "stay in memory" in result.message
     assert [(t.name, t.ok) for t in result.steps if t.name is SwapStep.EVICT] == [

@@ -24,7 +24,7 @@ from semantic_server.swap.orchestrator import (
     SwapOutcome,
     SwapStep,
 )
-from tests.fakes import run_turn
+from tests.fakes import block_cache_writes, run_turn
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -88,9 +88,7 @@ async def test_a_drain_timeout_aborts_and_is_recorded(server, fake_models):
 async def test_caches_that_cannot_be_written_abort_before_unloading(server, fake_models,
                                                                      tmp_path):
     await run_turn(server.service, "writer", "keep me")
-    tag_folder = tmp_path / "caches" / server.snapshot().tag
-    tag_folder.parent.mkdir(parents=True, exist_ok=True)
-    tag_folder.write_text("a file where the folder should be: every write fails")
+    tag_folder = block_cache_writes(tmp_path / "caches", server.snapshot().tag)
     result = await server.orchestrator.swap("fake-b", mode=SEQUENTIAL)
     assert result.status is SwapOutcome.ABORTED and result.failed_step is SwapStep.EVICT
     assert fake_models["fake-a"].unloads == 0 and server.snapshot().model_id == "fake-a"

@@ -265,11 +265,6 @@ class BatchEngine:
     def queued_jobs(self) -> int:
         return len(self._pending)
 
-    def jobs_on(self, loaded: LoadedModel) -> int:
-        """Jobs running on ``loaded``'s lane."""
-        lane = self._lanes.get(loaded)
-        return len(lane.jobs) if lane else 0
-
     # ---- engine thread ---------------------------------------------------------------
     def attach(self, loaded: LoadedModel, tag: CacheTag) -> None:
         """A lane for ``loaded``, whose caches carry ``tag`` (engine thread only)."""
