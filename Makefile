@@ -16,7 +16,7 @@ serve: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest tests/unit
-	$(VENV)/bin/pytest -n 2 --dist loadfile tests/integration tests/e2e
+	$(VENV)/bin/pytest -n 2 --dist loadfile --durations=12 tests/integration tests/e2e
 
 # The fast tier alone: no real model needed, under a minute.
 test-fast: $(INSTALLED)

@@ -321,10 +321,10 @@ class ModelSwapOrchestrator:
         result.memory["peak_during_load"] = new.stats.after.peak_bytes
         result.memory["weights_old"] = old.weight_bytes
         result.memory["weights_new"] = new.weight_bytes
-        started = time.perf_counter()
-        pause = self.versions.promote(new)
-        steps.append(StepTiming(SwapStep.PROMOTE, (time.perf_counter() - started) * 1e3, True))
-        result.promotion_pause_ms = pause * 1e3
+        async def promote() -> float:
+            return self.versions.promote(new)
+
+        result.promotion_pause_ms = await self._timed(steps, SwapStep.PROMOTE, promote) * 1e3
         result.message = f"swapped {old.model_id} -> {model_id} beside; nobody was held"
         await self._retire(result, old)
 
