@@ -37,6 +37,7 @@ from semantic_server.models.registry import (
 from semantic_server.models.tag import ModelTag
 
 EOS = 0
+FAST_ADMIN_KEY = "fast-key"  # the admin key of the fast tier's HTTP servers
 WEIGHT_BYTES = 2**20  # what a fake model's weights count for in the memory budget
 HEAD_DIM = 8
 CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
@@ -306,6 +307,7 @@ class FakeGenerator:
 def fake_settings(root: Path, model: str = "fake-a", **overrides: Any) -> Settings:
     """Settings of an in-process server over fake models under ``root``."""
     return Settings(model=model, models_dir=root / "models", cache_dir=root / "caches",
+                    adapters_dir=overrides.pop("adapters_dir", root / "adapters"),
                     kv_budget_bytes=overrides.pop("kv_budget_bytes", 2**20),
                     cache_disk_bytes=overrides.pop("cache_disk_bytes", 2**30),
                     swap_hold_seconds=overrides.pop("swap_hold_seconds", 5.0), **overrides)

@@ -44,6 +44,7 @@ from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.service import GenerationService
 from semantic_server.engine.versions import ModelVersions
 from semantic_server.errors import CacheWriteError, SemanticServerError
+from semantic_server.models.adapters import AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.registry import ModelRegistry
 from semantic_server.observability import Metrics, configure_logging
@@ -59,6 +60,7 @@ class ServerContext:
 
     settings: Settings
     catalog: ModelCatalog
+    adapters: AdapterCatalog
     registry: ModelRegistry
     engine: BatchEngine
     pool: BlockPool
@@ -134,8 +136,8 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
              "budget %d MiB; disk budget %d MiB)", loaded.model_id, loaded.stats.seconds,
              pool.budget_bytes // 2**20, pool.block_tokens,
              orchestrator.memory_budget_bytes // 2**20, store.disk_budget_bytes // 2**20)
-    return ServerContext(settings, catalog, registry, engine, pool, store, gate, versions,
-                         service, orchestrator, metrics)
+    return ServerContext(settings, catalog, AdapterCatalog(settings.adapters_dir), registry,
+                         engine, pool, store, gate, versions, service, orchestrator, metrics)
 
 
 async def stop_server(server: ServerContext) -> None:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         "smollm2-135m-instruct", description="Model id loaded at startup (see the catalog)."
     )
     models_dir: Path = Field(Path("models"), description="Folder of imported MLX models.")
+    adapters_dir: Path = Field(
+        Path("adapters"), description="Folder of LoRA adapters in mlx-lm's format, one "
+        "folder each (adapter_config.json + adapters.safetensors).")
     extra_models: list[str] = Field(
         default_factory=list,
         description="More model ids: local MLX directories or HF repo ids in the local HF cache.",

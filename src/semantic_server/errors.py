@@ -27,6 +27,14 @@ class ModelInvalid(SemanticServerError):
     """A model's files are present but unusable (bad config, wrong shapes)."""
 
 
+class AdapterNotFound(SemanticServerError):
+    """No adapter of that name in the adapters folder."""
+
+
+class AdapterInvalid(SemanticServerError):
+    """An adapter's files are present but unusable (malformed, not LoRA, inconsistent)."""
+
+
 class ModelTooLarge(SemanticServerError):
     """A model does not fit the memory budget (at all, or beside the serving model)."""
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from starlette.testclient import TestClient
 
-from semantic_server.app import ServerContext, start_server, stop_server
+from semantic_server.app import ServerContext, create_app, start_server, stop_server
 from semantic_server.models.catalog import ModelCatalog
-from tests.fakes import FakeGenerator, FakeModel, FakeRegistry, fake_settings, write_model_dirs
+from tests.fakes import (
+    FAST_ADMIN_KEY,
+    FakeGenerator,
+    FakeModel,
+    FakeRegistry,
+    fake_settings,
+    write_model_dirs,
+)
 
 
 @pytest.fixture
@@ -40,6 +49,21 @@ async def start(tmp_path, fake_models) -> AsyncIterator[Callable[..., Awaitable[
     yield start_one
     for server in started:
         await stop_server(server)
+
+
+@pytest.fixture
+def make_client(tmp_path, fake_models) -> Iterator[Callable[..., TestClient]]:
+    """TestClients of the real app over fake models, with any settings (admin key
+    ``FAST_ADMIN_KEY``), on a loopback Host."""
+    write_model_dirs(tmp_path / "models", list(fake_models))
+    with contextlib.ExitStack() as clients:
+        def make(**settings: Any) -> TestClient:
+            registry = FakeRegistry(ModelCatalog(tmp_path / "models"), fake_models)
+            app = create_app(fake_settings(tmp_path, admin_key=FAST_ADMIN_KEY, **settings),
+                             registry=registry, make_generator=FakeGenerator.factory)
+            return clients.enter_context(TestClient(app, base_url="http://127.0.0.1:8000"))
+
+        yield make
 
 
 @pytest.fixture

@@ -5,37 +5,17 @@ state reads the same snapshot."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import threading
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.testclient import TestClient
 
-from semantic_server.app import create_app
-from semantic_server.models.catalog import ModelCatalog
-from tests.fakes import FakeGenerator, FakeRegistry, fake_settings, write_model_dirs
+from tests.fakes import FAST_ADMIN_KEY
 from tests.polling import wait_for
 
-KEY = "fast-key"
-LOCAL = "http://127.0.0.1:8000"
-ADMIN = {"X-Admin-Key": KEY}
+ADMIN = {"X-Admin-Key": FAST_ADMIN_KEY}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
-
-
-@pytest.fixture
-def make_client(tmp_path, fake_models):
-    """A TestClient of the real app over fake models, with any settings."""
-    write_model_dirs(tmp_path / "models", list(fake_models))
-    with contextlib.ExitStack() as clients:
-        def make(**settings) -> TestClient:
-            registry = FakeRegistry(ModelCatalog(tmp_path / "models"), fake_models)
-            app = create_app(fake_settings(tmp_path, admin_key=KEY, **settings),
-                             registry=registry, make_generator=FakeGenerator.factory)
-            return clients.enter_context(TestClient(app, base_url=LOCAL))
-
-        yield make
 
 
 @pytest.fixture

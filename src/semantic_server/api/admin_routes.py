@@ -89,10 +89,25 @@ async def agents(request: Request) -> JSONResponse:
     })
 
 
+async def adapters(request: Request) -> JSONResponse:
+    """Every folder of the adapters folder: its adapter, or why it cannot be used."""
+    server = require_admin(request)
+    listings = await asyncio.to_thread(server.adapters.available)
+    return JSONResponse({"data": [listing.as_dict() for listing in listings]})
+
+
+async def adapter(request: Request) -> JSONResponse:
+    server = require_admin(request)
+    found = await asyncio.to_thread(server.adapters.resolve, request.path_params["name"])
+    return JSONResponse(found.as_dict())
+
+
 routes = [
     Route("/admin/models/swap", swap, methods=["POST"]),
     Route("/admin/models/current", current, methods=["GET"]),
     Route("/admin/models/available", available, methods=["GET"]),
     Route("/admin/swaps", swaps, methods=["GET"]),
     Route("/admin/agents", agents, methods=["GET"]),
+    Route("/admin/adapters", adapters, methods=["GET"]),
+    Route("/admin/adapters/{name}", adapter, methods=["GET"]),
 ]

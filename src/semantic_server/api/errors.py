@@ -36,6 +36,8 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
     e.ModelTooLarge: (422, "invalid_request_error", "model_too_large"),
+    e.AdapterNotFound: (404, "invalid_request_error", "adapter_not_found"),
+    e.AdapterInvalid: (422, "invalid_request_error", "adapter_invalid"),
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
     e.AgentBusy: (409, "invalid_request_error", "agent_busy"),
     e.QueueFull: (429, "rate_limit_error", "too_many_requests"),

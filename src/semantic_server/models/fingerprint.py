@@ -36,12 +36,13 @@ def _canonical_json(path: Path) -> bytes:
         return raw
 
 
-def weights_fingerprint(model_dir: Path) -> str:
+def weights_fingerprint(model_dir: Path, config_name: str = "config.json") -> str:
     """16 hex digits of BLAKE2b over every ``*.safetensors`` file (in name order), the
-    canonical ``config.json`` and the importer version."""
+    canonical config (``config.json``, or an adapter's ``adapter_config.json``) and the
+    importer version."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
-    numerics = [p for p in (model_dir / "config.json", model_dir / MANIFEST) if p.exists()]
+    numerics = [p for p in (model_dir / config_name, model_dir / MANIFEST) if p.exists()]
     key = tuple(_file_key(f) for f in (*files, *numerics))
     if key in _memo:
         return _memo[key]
@@ -51,9 +52,9 @@ def weights_fingerprint(model_dir: Path) -> str:
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
-    config = model_dir / "config.json"
+    config = model_dir / config_name
     if config.exists():
-        digest.update(b"config.json" + _canonical_json(config))
+        digest.update(config_name.encode() + _canonical_json(config))
     manifest = model_dir / MANIFEST
     if manifest.exists():
         try:
