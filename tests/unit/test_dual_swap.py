@@ -157,3 +157,28 @@ async def test_a_swap_to_the_serving_model_shares_its_tag_and_caches(server, fak
     assert again.admitted.model_id == "fake-a"
     assert again.outcome.cached_tokens == first.outcome.prompt_tokens - 1  # from disk
     assert fake_models["fake-a"].loads == 2 and fake_models["fake-a"].unloads == 1
+
+
+async def test_a_failed_reload_of_the_serving_model_leaves_it_serving(server, fake_models):
+    # The target shares the serving model's tag: undoing the failed load must not take
+    # the serving model's tag (or its hot caches) with it.
+    first = await run_turn(server.service, "stays", "Remember this")
+    fake_models["fake-a"].unhealthy = True
+    result = await server.orchestrator.swap("fake-a")
+    assert result.status is SwapOutcome.ROLLED_BACK and result.failed_step is SwapStep.WARM
+    assert len(server.registry.resident) == 1 and fake_models["fake-a"].unloads == 1
+    again = await run_turn(server.service, "stays", "Remember this")
+    assert again.outcome.cached_tokens == first.outcome.prompt_tokens - 1  # still hot
+    assert server.store.lookups["hot"] == 1
+
+
+async def test_requests_that_outlast_the_timeout_are_cut_and_the_old_model_goes(server,
+                                                                                 fake_models):
+    fake_models["fake-a"].step_gate = threading.Event()  # a request that never ends
+    stuck = asyncio.create_task(run_turn(server.service, "slow", "go on"))
+    await wait_until(lambda: server.snapshot().active_sequences == 1)
+    result = await server.orchestrator.swap("fake-b", timeout_seconds=0.2)
+    assert result.status is SwapOutcome.SUCCESS and "1 requests" in result.message
+    assert (await stuck).outcome.finish_reason == "cancelled"
+    assert fake_models["fake-a"].unloads == 1 and _serving(server) == [("fake-b", "serving")]
+    assert server.pool.reserved == 0

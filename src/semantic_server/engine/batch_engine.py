@@ -238,7 +238,18 @@ class BatchEngine:
         ``next`` of the generator ``make`` returns is a slice): long MLX work, such as
         loading a model, that must not stop decoding for the models already serving."""
         future: Future = Future()
-        self._commands.put(lambda: self._sliced.append(_Sliced(make(), future)))
+
+        def command() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            if self.failure is not None:
+                future.set_exception(EngineStopped(self.failure))
+                return
+            self._sliced.append(_Sliced(make(), future))
+
+        if self.failure is not None:
+            raise EngineStopped(self.failure)
+        self._commands.put(command)
         return await asyncio.wrap_future(future)
 
     def submit(self, job: Job) -> None:
@@ -246,6 +257,16 @@ class BatchEngine:
             job.emit(Failed(EngineStopped(self.failure)))
             return
         self._commands.put(lambda: self._admit(job))
+
+    def cancel_model(self, loaded: LoadedModel) -> int:
+        """Engine thread: cancel every job admitted to ``loaded`` (a retiring model whose
+        last requests outlast the swap's timeout); returns how many."""
+        doomed = [job.request_id for job in self._pending if job.model is loaded]
+        lane = self._lanes.get(loaded)
+        doomed += [job.request_id for job in lane.jobs.values()] if lane else []
+        for request_id in doomed:
+            self._cancel(request_id)
+        return len(doomed)
 
     def cancel(self, request_id: str) -> None:
         """Remove a job from the batch or the queue at once (its client went away or hit a
@@ -331,10 +352,12 @@ class BatchEngine:
                 next(task.slices)
         except StopIteration as done:
             self._sliced.popleft()
-            task.future.set_result(done.value)
+            if not task.future.done():  # its waiter may have gone
+                task.future.set_result(done.value)
         except Exception as exc:  # handed to the caller, not the end of the thread
             self._sliced.popleft()
-            task.future.set_exception(exc)
+            if not task.future.done():
+                task.future.set_exception(exc)
 
     def _fail_all(self, error: Exception) -> None:
         for lane in self._lanes.values():
@@ -346,7 +369,8 @@ class BatchEngine:
         self._uids.clear()
         self._pending.clear()
         for task in self._sliced:
-            task.future.set_exception(error)
+            if not task.future.done():
+                task.future.set_exception(error)
         self._sliced.clear()
 
     def _stop(self) -> None:

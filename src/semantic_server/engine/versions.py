@@ -109,6 +109,13 @@ class ModelVersions:
             raise RuntimeError(f"{old.pins} requests still run on {old.loaded.model_id}")
         return old.loaded if old else None
 
+    def forget(self, loaded: LoadedModel) -> None:
+        """Stop tracking a retiring version whose last pins never ended (their jobs were
+        cancelled): a request still holding one fails if it submits anything."""
+        for version in [v for v in self.retiring if v.loaded is loaded]:
+            self.retiring.remove(version)
+            log_transition(loaded, VersionState.RETIRED, forgotten_pins=version.pins)
+
     async def retire(self, loaded: LoadedModel) -> None:
         """Wait until the last request pinned to retiring ``loaded`` has ended."""
         version = next((v for v in self.retiring if v.loaded is loaded), None)

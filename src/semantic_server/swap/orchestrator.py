@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Phase = Literal["startup", "swap", "rollback"]  # which bring-up a step's log line belongs to
 WARM_UP_SHARE = 0.1  # a load's working memory beyond its weights, as a share of them
+RETIRE_GRACE_SECONDS = 5.0  # after cutting the old model's last requests, for them to end
 
 
 class SwapMode(StrEnum):
@@ -147,24 +148,30 @@ class _StepFailed(Exception):
         self.step = step
 
 
-def estimated_bytes(path: Path, config: dict[str, Any], compute_float32: bool) -> int:
-    """The most memory loading the model takes: its weights once loaded, and a tenth more
-    for the warm-up. A quantized file grows to float32 on CPU, and its own weights stay in
-    memory while they are converted (measured: Gemma 3 270M's load peaks at about 1.5x
-    its float32 weights).
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def estimated_bytes(path: Path, config: dict[str, Any], compute_bytes: int | None) -> int:
+    """The most memory loading the model takes: its weights once converted to the compute
+    dtype (``compute_bytes`` a weight; None keeps the file's own), a tenth more for the
+    warm-up, and the file's weights themselves while they are converted (measured: Gemma 3
+    270M's load peaks at about 1.5x its float32 weights).
 
     A quantized weight of ``bits`` bits also carries its group's scale and bias (two 16-bit
     values per ``group_size`` weights, so ``32 / group_size`` bits more per weight); the
-    file's size over those bits per weight is the number of weights, four bytes each
-    once dequantized.
+    file's size over those bits per weight is the number of weights.
     """
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     quantization = config.get("quantization") or {}
-    bits = quantization.get("bits")
-    if not (compute_float32 and bits):
-        return int(size * (1 + WARM_UP_SHARE))
-    bits_per_weight = bits + 32 / quantization.get("group_size", 64)
-    return int(size * 32 / bits_per_weight * (1 + WARM_UP_SHARE)) + size
+    if compute_bytes is None:
+        converted = size
+    elif bits := quantization.get("bits"):
+        bits_per_weight = bits + 32 / quantization.get("group_size", 64)
+        converted = int(size * 8 / bits_per_weight * compute_bytes)
+    else:
+        file_bytes = _DTYPE_BYTES.get(str(config.get("torch_dtype")), 2)
+        converted = size * compute_bytes // file_bytes
+    return int(converted * (1 + WARM_UP_SHARE)) + (size if converted != size else 0)
 
 
 class ModelSwapOrchestrator:
@@ -197,7 +204,8 @@ class ModelSwapOrchestrator:
             dims_from_config(config, self.registry.kv_dtype_name(config))
         except ValueError as exc:
             raise ModelInvalid(f"model {model_id!r}: {exc}") from exc
-        plan = MemoryPlan(estimated_bytes(path, config, self.registry.compute_dtype is not None),
+        dtype = self.registry.compute_dtype
+        plan = MemoryPlan(estimated_bytes(path, config, dtype.size if dtype else None),
                           sum(m.weight_bytes for m in self.registry.resident),
                           self.memory_budget_bytes, psutil.virtual_memory().available)
         if not plan.fits_alone:
@@ -259,7 +267,7 @@ class ModelSwapOrchestrator:
             result.memory["plan"] = asdict(plan)
             started = time.perf_counter()
             if self.swapping is SwapMode.DUAL:
-                await self._dual(result, old, model_id)
+                await self._dual(result, old, model_id, timeout)
             else:
                 await self._sequential(result, old, model_id, timeout)
             result.duration_ms = (time.perf_counter() - started) * 1e3
@@ -292,10 +300,12 @@ class ModelSwapOrchestrator:
         return await self._timed(steps, name, lambda: self.engine.on_thread(fn), phase)
 
     # ---- the dual path ---------------------------------------------------------------
-    async def _dual(self, result: SwapResult, old: LoadedModel, model_id: str) -> None:
+    async def _dual(self, result: SwapResult, old: LoadedModel, model_id: str,
+                    timeout: float) -> None:
         """Load beside, promote, retire the old model after its last request, reclaim it."""
         steps = result.steps
         new: LoadedModel | None = None
+        undo: list[Callable[[], Any]] = []  # what ran so far, to take back on a failure
         try:
             log_transition(model_id, VersionState.LOADING)
 
@@ -304,36 +314,61 @@ class ModelSwapOrchestrator:
                 return await self.engine.sliced(lambda: self.registry.load_slices(prepared))
 
             new = await self._timed(steps, SwapStep.LOAD, load)
-            log_transition(new, VersionState.WARMING)
             loaded = new
+            undo.append(lambda: self.registry.unload(loaded))
+            log_transition(new, VersionState.WARMING)
             await self._timed(steps, SwapStep.WARM, lambda: self.engine.sliced(
                 lambda: self.registry.health_check(loaded)))
             await self._engine_step(steps, SwapStep.RECONFIGURE,
                                     lambda: self.engine.attach(loaded, self._tag(loaded)))
+            undo.append(lambda: self.engine.detach(loaded))
             await self._engine_step(steps, SwapStep.RETAG,
                                     lambda: self.store.add_model(self._tag(loaded), loaded.dims))
         except _StepFailed as failure:
-            await self.engine.on_thread(lambda: self._discard(new))
             result.status, result.failed_step = SwapOutcome.ROLLED_BACK, failure.step
             result.message = f"{failure}; {old.model_id} kept serving throughout"
+            try:
+                if undo:
+                    await self.engine.on_thread(lambda: [step() for step in reversed(undo)])
+            except Exception as exc:  # the old model serves on; say what is left behind
+                result.message += f"; the target could not be unloaded: {exc}"
             log.warning("swap rolled back", extra={"fields": {"reason": result.message}})
             return
         result.memory["peak_during_load"] = new.stats.after.peak_bytes
         result.memory["weights_old"] = old.weight_bytes
         result.memory["weights_new"] = new.weight_bytes
+
         async def promote() -> float:
             return self.versions.promote(new)
 
         result.promotion_pause_ms = await self._timed(steps, SwapStep.PROMOTE, promote) * 1e3
         result.message = f"swapped {old.model_id} -> {model_id} beside; nobody was held"
-        await self._retire(result, old)
+        try:
+            await self._retire(result, old, timeout)
+        except _StepFailed as failure:  # the target serves; the old model may linger
+            result.failed_step = failure.step
+            result.message += f"; {failure}: {old.model_id} may still hold memory"
 
-    async def _retire(self, result: SwapResult, old: LoadedModel) -> None:
-        """After a promotion: wait for the old model's last request, write its hot caches
-        to disk and give its memory back. A cache that cannot be written (a full disk)
-        stays hot in memory under its tag, never lost."""
+    async def _retire(self, result: SwapResult, old: LoadedModel, timeout: float) -> None:
+        """After a promotion: wait for the old model's last request (``timeout`` at most:
+        then what still runs on it is cancelled), write its hot caches to disk and give its
+        memory back. A cache that cannot be written (a full disk) stays hot in memory under
+        its tag, never lost."""
         steps = result.steps
-        await self._timed(steps, SwapStep.RETIRE, lambda: self.versions.retire(old))
+
+        async def retire() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.versions.retire(old)), timeout)
+            except TimeoutError:
+                cut = await self.engine.on_thread(lambda: self.engine.cancel_model(old))
+                result.message += (f"; {cut} requests still running on {old.model_id} after "
+                                   f"{timeout:g} s were cut off")
+                await asyncio.wait_for(self.versions.retire(old), RETIRE_GRACE_SECONDS)
+
+        try:
+            await self._timed(steps, SwapStep.RETIRE, retire)
+        except _StepFailed:  # a request that never lets go: its job is gone, go on
+            self.versions.forget(old)
         tag = self._tag(old)
         try:
             evicted = await self._engine_step(steps, SwapStep.EVICT,
@@ -412,8 +447,9 @@ class ModelSwapOrchestrator:
         evicted = await self._engine_step(result.steps, SwapStep.EVICT, self.store.evict_all)
         result.evicted_agents = len(evicted)
         self.versions.withdraw()
-        if old is None:  # degraded: nothing was serving
-            result.steps.append(StepTiming(SwapStep.SHUTDOWN, 0.0, True))
+        if old is None:  # degraded: nothing serves, but a rollback that failed half way
+            # may have left a model loaded: it goes now
+            await self._engine_step(result.steps, SwapStep.SHUTDOWN, self._drop_partial)
             result.steps.append(StepTiming(SwapStep.UNLOAD, 0.0, True))
             return
         await self._engine_step(result.steps, SwapStep.SHUTDOWN, lambda: self._drop_lane(old))
