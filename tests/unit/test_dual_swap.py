@@ -179,6 +179,7 @@ async def test_requests_that_outlast_the_timeout_are_cut_and_the_old_model_goes(
     await wait_until(lambda: server.snapshot().active_sequences == 1)
     result = await server.orchestrator.swap("fake-b", timeout_seconds=0.2)
     assert result.status is SwapOutcome.SUCCESS and "1 requests" in result.message
+    assert all(step.ok for step in result.steps)
     assert (await stuck).outcome.finish_reason == "cancelled"
     assert fake_models["fake-a"].unloads == 1 and _serving(server) == [("fake-b", "serving")]
     assert server.pool.reserved == 0

@@ -357,13 +357,14 @@ class ModelSwapOrchestrator:
         steps = result.steps
 
         async def retire() -> None:
+            waiting = asyncio.ensure_future(self.versions.retire(old))
             try:
-                await asyncio.wait_for(asyncio.shield(self.versions.retire(old)), timeout)
+                await asyncio.wait_for(asyncio.shield(waiting), timeout)
             except TimeoutError:
                 cut = await self.engine.on_thread(lambda: self.engine.cancel_model(old))
                 result.message += (f"; {cut} requests still running on {old.model_id} after "
                                    f"{timeout:g} s were cut off")
-                await asyncio.wait_for(self.versions.retire(old), RETIRE_GRACE_SECONDS)
+                await asyncio.wait_for(waiting, RETIRE_GRACE_SECONDS)
 
         try:
             await self._timed(steps, SwapStep.RETIRE, retire)
