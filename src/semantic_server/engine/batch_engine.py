@@ -207,8 +207,9 @@ class BatchEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the engine thread between two steps; its result comes in the future."""
+    def _enqueue(self, run: Callable[[Future], None]) -> Future:
+        """A future that ``run`` settles on the engine thread between two steps, or that
+        fails at once with EngineStopped once the thread is gone."""
         future: Future = Future()
 
         def command() -> None:
@@ -217,16 +218,23 @@ class BatchEngine:
             if self.failure is not None:
                 future.set_exception(EngineStopped(self.failure))
                 return
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to the caller, not swallowed
-                future.set_exception(exc)
+            run(future)
 
         if self.failure is not None:
             future.set_exception(EngineStopped(self.failure))
         else:
             self._commands.put(command)
         return future
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between two steps; its result comes in the future."""
+        def run(future: Future) -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, not swallowed
+                future.set_exception(exc)
+
+        return self._enqueue(run)
 
     async def on_thread(self, fn: Callable[[], Any]) -> Any:
         """Await ``fn`` run on the engine thread: how asyncio code touches MLX or the caches
@@ -237,19 +245,7 @@ class BatchEngine:
         """Await a task the engine thread runs one slice at a time between its steps (each
         ``next`` of the generator ``make`` returns is a slice): long MLX work, such as
         loading a model, that must not stop decoding for the models already serving."""
-        future: Future = Future()
-
-        def command() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            if self.failure is not None:
-                future.set_exception(EngineStopped(self.failure))
-                return
-            self._sliced.append(_Sliced(make(), future))
-
-        if self.failure is not None:
-            raise EngineStopped(self.failure)
-        self._commands.put(command)
+        future = self._enqueue(lambda f: self._sliced.append(_Sliced(make(), f)))
         return await asyncio.wrap_future(future)
 
     def submit(self, job: Job) -> None:

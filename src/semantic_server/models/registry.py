@@ -170,17 +170,6 @@ def _dequantize_in_slices(quantized: Any, dtype: mx.Dtype) -> Generator[None, No
     return dense
 
 
-def _health_check(loaded: LoadedModel) -> Generator[None, None, None]:
-    cache = loaded.model.make_cache()
-    tokens = mx.array([loaded.tokenizer.encode("The capital of France is")[:16] or [0]])
-    for _ in range(HEALTH_TOKENS):
-        logits = loaded.model(tokens, cache=cache)[:, -1, :]
-        if not bool(mx.all(mx.isfinite(logits)).item()):
-            raise ModelLoadError("the health check produced non-finite logits")
-        tokens = mx.argmax(logits, axis=-1, keepdims=True)
-        yield
-
-
 def run_slices(slices: Generator[None, None, Any]) -> Any:
     """Run a sliced task to its end at once; its return value."""
     while True:
@@ -223,7 +212,14 @@ class ModelRegistry:
     def health_check(self, loaded: LoadedModel) -> Generator[None, None, None]:
         """A short greedy generation whose every step must give finite logits, one token
         per slice: proof that the model computes before anyone is sent to it."""
-        return _health_check(loaded)
+        cache = loaded.model.make_cache()
+        tokens = mx.array([loaded.tokenizer.encode("The capital of France is")[:16] or [0]])
+        for _ in range(HEALTH_TOKENS):
+            logits = loaded.model(tokens, cache=cache)[:, -1, :]
+            if not bool(mx.all(mx.isfinite(logits)).item()):
+                raise ModelLoadError("the health check produced non-finite logits")
+            tokens = mx.argmax(logits, axis=-1, keepdims=True)
+            yield
 
     def prepare(self, model_id: str) -> Prepared:
         """Resolve ``model_id`` and build its tokenizer (Python work, no MLX)."""
