@@ -49,6 +49,7 @@ from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.registry import ModelRegistry
 from semantic_server.observability import Metrics, configure_logging
 from semantic_server.snapshot import ServerSnapshot, take_snapshot
+from semantic_server.swap.adapter_swap import AdapterSwapper
 from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 log = logging.getLogger("semantic_server")
@@ -69,6 +70,7 @@ class ServerContext:
     versions: ModelVersions
     service: GenerationService
     orchestrator: ModelSwapOrchestrator
+    adapter_swapper: AdapterSwapper
     metrics: Metrics
 
     def snapshot(self) -> ServerSnapshot:
@@ -107,7 +109,9 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     fast tests give fakes that compute no model); everything else is the real server.
     """
     catalog = ModelCatalog(settings.models_dir, settings.extra_models)
-    registry = registry or ModelRegistry(catalog, settings.compute_dtype)
+    adapters = AdapterCatalog(settings.adapters_dir)
+    registry = registry or ModelRegistry(catalog, settings.compute_dtype, adapters,
+                                         settings.lora_slots, settings.lora_max_rank)
     pool = BlockPool(kv_budget(settings), settings.block_tokens)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
                              disk_budget(settings))
@@ -120,7 +124,7 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     versions = ModelVersions()
     metrics = Metrics(lambda: take_snapshot(engine, gate, versions, pool, store, orchestrator))
     service = GenerationService(engine, gate, versions, catalog, metrics,
-                                settings.max_context_tokens, settings.max_queued)
+                                settings.max_context_tokens, settings.max_queued, adapters)
     orchestrator = ModelSwapOrchestrator(
         catalog=catalog, registry=registry, engine=engine, store=store, gate=gate,
         versions=versions, observer=metrics, block_tokens=settings.block_tokens,
@@ -136,8 +140,10 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
              "budget %d MiB; disk budget %d MiB)", loaded.model_id, loaded.stats.seconds,
              pool.budget_bytes // 2**20, pool.block_tokens,
              orchestrator.memory_budget_bytes // 2**20, store.disk_budget_bytes // 2**20)
-    return ServerContext(settings, catalog, AdapterCatalog(settings.adapters_dir), registry,
-                         engine, pool, store, gate, versions, service, orchestrator, metrics)
+    return ServerContext(settings, catalog, adapters, registry,
+                         engine, pool, store, gate, versions, service, orchestrator,
+                         AdapterSwapper(adapters, engine, versions, orchestrator, metrics),
+                         metrics)
 
 
 async def stop_server(server: ServerContext) -> None:

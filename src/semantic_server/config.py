@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(
         Path("adapters"), description="Folder of LoRA adapters in mlx-lm's format, one "
         "folder each (adapter_config.json + adapters.safetensors).")
+    lora_slots: int = Field(
+        4, ge=2, le=64, description="Adapter slots in each model's prepared LoRA layers, "
+        "counting 'no adapter': how many adapters (plus the base) run in one batch at once.")
+    lora_max_rank: int | None = Field(
+        None, ge=0, description="Rank a model's LoRA layers are prepared for when it loads; "
+        "default the largest rank among its adapters; 0 never prepares them.")
     extra_models: list[str] = Field(
         default_factory=list,
         description="More model ids: local MLX directories or HF repo ids in the local HF cache.",

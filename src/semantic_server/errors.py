@@ -35,6 +35,11 @@ class AdapterInvalid(SemanticServerError):
     """An adapter's files are present but unusable (malformed, not LoRA, inconsistent)."""
 
 
+class AdapterIncompatible(SemanticServerError):
+    """A valid adapter that does not fit the model's prepared layers (another base, a
+    larger rank, modules it was not prepared for)."""
+
+
 class ModelTooLarge(SemanticServerError):
     """A model does not fit the memory budget (at all, or beside the serving model)."""
 
@@ -68,6 +73,10 @@ class Retryable(SemanticServerError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class AdapterSlotsBusy(Retryable):
+    """Every adapter slot of the model is in use by running requests."""
 
 
 class ServerBusy(Retryable):

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from semantic_server.engine.service import Outcome
     from semantic_server.snapshot import ServerSnapshot
+    from semantic_server.swap.adapter_swap import AdapterSwapResult
     from semantic_server.swap.orchestrator import SwapResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
@@ -40,6 +41,8 @@ class Observer(Protocol):
 
     def swap_finished(self, result: SwapResult) -> None: ...
 
+    def adapter_swap_finished(self, result: AdapterSwapResult) -> None: ...
+
 
 class Metrics:
     """The Prometheus registry of one server: an Observer for events, a collector for
@@ -52,6 +55,12 @@ class Metrics:
         self.promotion_pause = Histogram(
             "semantic_swap_promotion_pause_seconds", "How long a dual swap's promotion kept "
             "new requests from being admitted", buckets=PAUSE_BUCKETS, registry=self.registry)
+        self.adapter_swaps = Counter("semantic_adapter_swaps", "Adapter swaps by result",
+                                     ["result"], registry=self.registry)
+        self.adapter_copy = Histogram(
+            "semantic_adapter_swap_copy_seconds", "How long an adapter swap took to copy the "
+            "adapter's weights into the prepared layers", buckets=PAUSE_BUCKETS,
+            registry=self.registry)
         self.swap_steps = Histogram("semantic_swap_step_seconds", "Duration of each swap step",
                                     ["step"], buckets=LATENCY_BUCKETS, registry=self.registry)
         # A model version is its weights' fingerprint: a bounded label, unlike a load count.
@@ -80,6 +89,12 @@ class Metrics:
             self.promotion_pause.observe(result.promotion_pause_ms / 1e3)
         for step in (*result.steps, *result.rollback_steps):
             self.swap_steps.labels(step.name.value).observe(step.duration_ms / 1e3)
+
+
+    def adapter_swap_finished(self, result: AdapterSwapResult) -> None:
+        self.adapter_swaps.labels(result.status.value).inc()
+        if result.copied:
+            self.adapter_copy.observe(result.copy_ms / 1e3)
 
 
 class _StateCollector(Collector):

@@ -17,10 +17,17 @@ from starlette.routing import Route
 
 from semantic_server.api.turn import read_json
 from semantic_server.errors import AdminDisabled, Unauthorized
+from semantic_server.swap.adapter_swap import AdapterSwapOutcome
 from semantic_server.swap.orchestrator import SwapMode, SwapOutcome, SwapResult, SwapStep
 
 if TYPE_CHECKING:  # app.py imports these routes
     from semantic_server.app import ServerContext
+
+
+class AdapterSwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field must not swap to "none"
+    model_id: str = Field(min_length=1)
+    adapter: str | None = Field(..., min_length=1)  # null: no adapter
 
 
 class SwapRequest(BaseModel):
@@ -96,6 +103,17 @@ async def adapters(request: Request) -> JSONResponse:
     return JSONResponse({"data": [listing.as_dict() for listing in listings]})
 
 
+async def swap_adapter(request: Request) -> JSONResponse:
+    """Change the serving model's adapter in place (200, or 500 when the copy failed and
+    the old adapter stays); a bad adapter is a 4xx before anything changes."""
+    server = require_admin(request)
+    body = AdapterSwapRequest.model_validate(
+        await read_json(request, server.settings.max_body_bytes))
+    result = await server.adapter_swapper.swap(body.model_id, body.adapter)
+    return JSONResponse(result.as_dict(),
+                        status_code=200 if result.status is AdapterSwapOutcome.SUCCESS else 500)
+
+
 async def adapter(request: Request) -> JSONResponse:
     server = require_admin(request)
     found = await asyncio.to_thread(server.adapters.resolve, request.path_params["name"])
@@ -109,5 +127,6 @@ routes = [
     Route("/admin/swaps", swaps, methods=["GET"]),
     Route("/admin/agents", agents, methods=["GET"]),
     Route("/admin/adapters", adapters, methods=["GET"]),
+    Route("/admin/adapters/swap", swap_adapter, methods=["POST"]),
     Route("/admin/adapters/{name}", adapter, methods=["GET"]),
 ]

@@ -7,6 +7,7 @@ cannot be honoured is a 400, never ignored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -247,11 +248,20 @@ def _deltas(answer: Any, text: str) -> list[dict[str, Any]]:
     return deltas
 
 
+def model_ids(server: Any) -> list[str]:
+    """Every model a request may name: each available model, and ``base:adapter`` for
+    each usable adapter whose base is available (reads folders: off the event loop)."""
+    models = [entry.model_id for entry in server.catalog.available()]
+    adapters = [listing.adapter for listing in server.adapters.available()
+                if listing.adapter is not None and listing.adapter.base_model in models]
+    return models + [f"{a.base_model}:{a.name}" for a in adapters]
+
+
 async def list_models(request: Request) -> JSONResponse:
     server = request.app.state.server
     return JSONResponse({"object": "list", "data": [
-        {"id": entry.model_id, "object": "model", "created": 0, "owned_by": "semantic-server"}
-        for entry in server.catalog.available()]})
+        {"id": model_id, "object": "model", "created": 0, "owned_by": "semantic-server"}
+        for model_id in await asyncio.to_thread(model_ids, server)]})
 
 
 routes = [

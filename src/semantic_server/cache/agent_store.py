@@ -7,9 +7,11 @@ the KV budget, by a swap, or at shutdown. A cold cache comes back on the agent's
 request, but only under the tag it was written with (or, with ``CacheReuse.DIMS``, under
 any tag of the same shape); anything else is rejected with a logged, counted reason.
 
-Caches are kept per model: every resident model (the serving one, and during a
-zero-downtime swap the one retiring) has its tag here, and an agent's hot cache is keyed by
-tag and agent, so a request never takes a cache of another model than the one it runs on.
+Caches are kept per model and adapter: every resident model (the serving one, and during
+a zero-downtime swap the one retiring) has its tag here, and an agent's hot cache is keyed
+by tag (which names the LoRA adapter it was made under, if any) and agent, so a request
+never takes a cache of another model or adapter than the one it runs on. An agent may hold
+one cache per adapter, hot or on disk; each comes back when its adapter does.
 
 The files on disk are indexed in memory (one scan at startup, then kept up to date by every
 write and deletion), so reports and the disk budget never rescan the folder. Only the
@@ -58,6 +60,9 @@ class Lookup(StrEnum):
     DISK = "disk"
     MISS = "miss"
     REJECTED = "rejected"
+    # a miss while the agent holds a cache made under another adapter of the same model:
+    # never used under this one (it comes back when its adapter does)
+    OTHER_ADAPTER = "other_adapter"
 
 
 @dataclass(frozen=True)
@@ -125,24 +130,26 @@ class AgentCacheStore:
         """Take caches of a newly resident model (its cold caches are found by tag). Two
         resident loads of the same weights (a swap to the model already serving) share
         one tag, and their caches: counted, so the first to leave does not take it."""
+        tag = tag.base
         _, _, count = self._models.get(tag.digest, (tag, dims, 0))
         self._models[tag.digest] = (tag, dims, count + 1)
 
     def remove_model(self, tag: CacheTag) -> None:
         """Forget a model that leaves (its last load evicts its hot caches first)."""
+        tag = tag.base
         if tag.digest not in self._models:
             return
         _, dims, count = self._models[tag.digest]
         if count > 1:
             self._models[tag.digest] = (tag, dims, count - 1)
             return
-        if any(digest == tag.digest for digest, _ in self._hot):
+        if any(entry.tag is not None and entry.tag.base == tag for entry in self._hot.values()):
             raise RuntimeError(f"{tag.model_id} still has hot caches: evict them first")
         del self._models[tag.digest]
 
     def _dims(self, tag: CacheTag) -> ModelDims:
         try:
-            return self._models[tag.digest][1]
+            return self._models[tag.base.digest][1]
         except KeyError:
             raise RuntimeError(f"{tag.model_id} is not resident in the cache store") from None
 
@@ -160,8 +167,28 @@ class AgentCacheStore:
             self.lookups[Lookup.HOT] += 1
             return entry
         entry = self._load_cold(tag, agent_id)
-        self.lookups[Lookup.DISK if entry else Lookup.MISS] += 1
+        if entry is not None:
+            self.lookups[Lookup.DISK] += 1
+        elif (other := self._other_adapter(tag, agent_id)) is not None:
+            self.lookups[Lookup.OTHER_ADAPTER] += 1
+            log.info("agent cache not used: made under another adapter", extra={"fields": {
+                "model": tag.model_id, "adapter": tag.adapter, "cache_adapter": other}})
+        else:
+            self.lookups[Lookup.MISS] += 1
         return entry
+
+    def _other_adapter(self, tag: CacheTag, agent_id: str) -> str | None:
+        """The adapter (or "none") of a cache this agent holds, hot or on disk, under
+        another adapter of ``tag``'s model; None when it holds none."""
+        for (_, agent), entry in self._hot.items():
+            if agent == agent_id and entry.tag is not None and entry.tag.base == tag.base:
+                return entry.tag.adapter or "none"
+        name = agent_file_name(agent_id)
+        for path in [p for p in list(self._cold) if p.name == name]:
+            theirs = read_tag_file(path.parent)
+            if theirs is not None and theirs.base == tag.base and theirs != tag:
+                return theirs.adapter or "none"
+        return None
 
     def checkin(self, entry: AgentCache) -> None:
         """Make ``entry`` (whose ``tag`` says which model made it) hot again, evicting least
@@ -231,7 +258,8 @@ class AgentCacheStore:
         disk) every cache stays hot and CacheWriteError is raised, so a swap can give up
         before it unloads anything instead of losing agents' context.
         """
-        keys = [key for key in self.pool.agents() if tag is None or key[0] == tag.digest]
+        keys = [key for key in self.pool.agents()
+                if tag is None or self._tag(self._hot[key]).base == tag.base]
         entries = [self._hot[key] for key in keys]
         self._make_room(entries)
         failures = []
@@ -309,7 +337,8 @@ class AgentCacheStore:
                 if other == exact or not other.exists():
                     continue
                 theirs = read_tag_file(tag_file.parent)
-                if theirs is not None and theirs.shape_key() == tag.shape_key():
+                if (theirs is not None and theirs.shape_key() == tag.shape_key()
+                        and theirs.adapter == tag.adapter):
                     paths.append(other)
         return sorted(paths, key=_mtime, reverse=True)
 
@@ -337,6 +366,9 @@ class AgentCacheStore:
             raise CacheFileError("the file belongs to another agent")
         if theirs == tag:
             return
+        if theirs.adapter != tag.adapter:  # never reused across adapters, whatever the reuse
+            raise CacheFileError(f"made under adapter {theirs.adapter or 'none'}, not "
+                                 f"{tag.adapter or 'none'}")
         if theirs.shape_key() != tag.shape_key():
             raise CacheFileError(
                 f"dims differ: file has {theirs.n_layers} layers x {theirs.n_kv_heads} KV "
@@ -395,7 +427,8 @@ class AgentCacheStore:
     def _exact_bytes(self, entry: AgentCache) -> int:
         """What a hot cache really holds (no rounding to blocks)."""
         models = dict(self._models)
-        dims = models[entry.tag.digest][1] if entry.tag and entry.tag.digest in models else None
+        digest = entry.tag.base.digest if entry.tag else None
+        dims = models[digest][1] if digest in models else None
         if dims is None:
             return 0
         return sum(dims.cache_bytes(len(tokens)) for tokens in (

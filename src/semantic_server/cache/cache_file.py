@@ -19,7 +19,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class CacheTag:
     kv_dtype: str
     layer_windows: tuple[int | None, ...]
     format_version: int = FORMAT_VERSION
+    # The LoRA adapter the cache was computed under ("name@fingerprint"), None for the base
+    # model: an adapter on the attention projections changes the keys and values.
+    adapter: str | None = None
 
     @classmethod
     def for_model(cls, tag: ModelTag, block_tokens: int) -> CacheTag:
@@ -65,8 +68,20 @@ class CacheTag:
                    dims.head_dim, block_tokens, dims.kv_dtype,
                    tuple(layer.window for layer in dims.layers))
 
+    def with_adapter(self, adapter: str | None) -> CacheTag:
+        """This model's tag for caches made under ``adapter`` (None: the base model)."""
+        return replace(self, adapter=adapter)
+
+    @property
+    def base(self) -> CacheTag:
+        """The tag of the model itself, whatever the adapter."""
+        return self.with_adapter(None)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["adapter"] is None:  # the base's digest is what it was before adapters
+            del data["adapter"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CacheTag:

@@ -40,6 +40,8 @@ from mlx_lm.sample_utils import apply_top_p
 
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.cache_file import AgentCache, CacheTag
+from semantic_server.engine.adapter_rows import RoutedModel, with_row, without_row
+from semantic_server.engine.adapter_slots import AdapterSlots, SlotLoad
 from semantic_server.engine.jobs import (
     Event,
     Failed,
@@ -50,6 +52,7 @@ from semantic_server.engine.jobs import (
     Started,
     TokenOut,
 )
+from semantic_server.models.adapters import Adapter
 from semantic_server.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -84,9 +87,10 @@ def fit_cache(layers: list[Any], tokens: list[int], prompt: list[int],
 
 def batch_generator(loaded: LoadedModel, max_batch: int, prefill_step_size: int,
                     ) -> BatchGenerator:
-    """mlx-lm's continuous-batching generator over ``loaded``, stopping at its EOS tokens."""
+    """mlx-lm's continuous-batching generator over ``loaded``, stopping at its EOS tokens
+    (over its routed form when it has prepared LoRA layers: each row its own adapter)."""
     return BatchGenerator(
-        loaded.model,
+        RoutedModel(loaded.model, loaded.lora) if loaded.lora else loaded.model,
         stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
         completion_batch_size=max_batch,
         prefill_batch_size=min(8, max_batch),
@@ -150,7 +154,8 @@ class EngineStopped(RuntimeError):
 @dataclass(eq=False)
 class Lane:
     """One resident model's batch: its generator, its running jobs (by generator uid), their
-    prompt checkpoints (see AgentCache.checkpoint) and its anonymous prefix cache."""
+    prompt checkpoints (see AgentCache.checkpoint) and its anonymous prefix cache; for a
+    model with prepared LoRA layers, its adapter slots and the slot of each job."""
 
     loaded: LoadedModel
     tag: CacheTag
@@ -158,6 +163,16 @@ class Lane:
     shared: LRUPromptCache
     jobs: dict[int, Job] = field(default_factory=dict)
     checkpoints: dict[int, tuple[list[Any], list[int]] | None] = field(default_factory=dict)
+    slots: AdapterSlots | None = None
+    rows: dict[int, int] = field(default_factory=dict)  # uid -> adapter slot
+
+    def tag_of(self, job: Job) -> CacheTag:
+        """The tag of the caches ``job`` reads and makes: its model's, and its adapter's."""
+        return self.tag.with_adapter(job.adapter.key if job.adapter else None)
+
+    def outgoing(self, cache: list[Any]) -> list[Any]:
+        """A cache that leaves the generator, without the adapter row it had there."""
+        return without_row(cache) if self.slots is not None else cache
 
     @property
     def shared_key(self) -> tuple[str, int]:
@@ -285,9 +300,24 @@ class BatchEngine:
     # ---- engine thread ---------------------------------------------------------------
     def attach(self, loaded: LoadedModel, tag: CacheTag) -> None:
         """A lane for ``loaded``, whose caches carry ``tag`` (engine thread only)."""
+        lora = getattr(loaded, "lora", None)
         self._lanes[loaded] = Lane(
             loaded, tag, self.make_generator(loaded, self.max_batch, self.prefill_step_size),
-            LRUPromptCache(*self._shared_limits))
+            LRUPromptCache(*self._shared_limits),
+            slots=AdapterSlots(lora.slots, lora.write) if lora is not None else None)
+
+    def load_adapter(self, loaded: LoadedModel, adapter: Adapter) -> SlotLoad:
+        """Copy ``adapter`` into a free slot of ``loaded``'s prepared layers, between two
+        steps (engine thread only); the running jobs keep theirs."""
+        lane = self._lanes.get(loaded)
+        if lane is None or lane.slots is None:
+            raise RuntimeError(f"{loaded.model_id} has no prepared adapter layers")
+        return lane.slots.load(adapter)
+
+    def adapter_slots(self, loaded: LoadedModel) -> dict[str, int]:
+        """Adapter key -> slot of ``loaded``'s resident adapters (engine thread only)."""
+        lane = self._lanes.get(loaded)
+        return lane.slots.resident() if lane is not None and lane.slots is not None else {}
 
     def detach(self, loaded: LoadedModel) -> None:
         """Drop ``loaded``'s lane, its generator and every reference to the model (engine
@@ -374,9 +404,10 @@ class BatchEngine:
         self._stopping = True
 
     @staticmethod
-    def _shared_key(lane: Lane, job: Job) -> tuple[str, str | None]:
-        """Anonymous requests share prefixes per model and tenant, never across tenants."""
-        return lane.loaded.model_id, job.namespace
+    def _shared_key(lane: Lane, job: Job) -> tuple[str, str | None, str | None]:
+        """Anonymous requests share prefixes per model, adapter and tenant, never across
+        tenants or adapters."""
+        return lane.loaded.model_id, job.namespace, lane.tag_of(job).adapter
 
     def _take_cache(self, lane: Lane, job: Job) -> tuple[list[Any] | None, int]:
         """The job's cache (its agent's, or the lane's prefix cache's for an anonymous
@@ -386,7 +417,7 @@ class BatchEngine:
                                                            job.prompt)
             tokens = job.prompt[: len(job.prompt) - len(rest)]
             return fit_cache(layers, tokens, job.prompt) if layers is not None else (None, 0)
-        entry = self.store.checkout(lane.tag, job.agent_id)
+        entry = self.store.checkout(lane.tag_of(job), job.agent_id)
         if entry is None:
             return None, 0
         fitted, keep = fit_cache(entry.layers, entry.tokens, job.prompt)
@@ -430,6 +461,12 @@ class BatchEngine:
                 self._pending.popleft()
                 job.emit(Failed(RuntimeError("its model is not loaded")))
                 continue
+            if job.adapter is not None and lane.slots is None:
+                self._pending.popleft()
+                job.emit(Failed(RuntimeError("its model has no prepared adapter layers")))
+                continue
+            if lane.slots is not None and not lane.slots.can_take(job.adapter):
+                return  # every adapter slot is in use: wait for a job to end
             reserve = self._reservation(lane, job, cached=0)
             if self.active_jobs and not self.store.fits(lane.tag, reserve):
                 return
@@ -437,18 +474,25 @@ class BatchEngine:
             self._start(lane, job)
 
     def _start(self, lane: Lane, job: Job) -> None:
-        cache, cached = None, 0
+        cache, cached, slot = None, 0, None
         try:
             sampler = _make_sampler(job.sampling)
             cache, cached = self._take_cache(lane, job)  # the agent's blocks leave the pool
             self.store.reserve(job.request_id, lane.tag, self._reservation(lane, job, cached))
+            inserted = cache
+            if lane.slots is not None:  # the sequence carries its adapter slot
+                slot = lane.slots.take(job.adapter)
+                inserted = with_row(cache if cache is not None
+                                    else lane.loaded.model.make_cache(), slot)
             (uid,) = lane.generator.insert(
-                [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
+                [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[inserted],
                 all_tokens=[job.prompt[:cached]], samplers=[sampler],
                 logits_processors=[[job.logits_processor] if job.logits_processor else []])
         except Exception as exc:  # a bad job must not take the engine or its cache down
             log.exception("could not admit request %s", job.request_id)
             try:
+                if slot is not None and lane.slots is not None:
+                    lane.slots.give_back(slot)
                 self.store.unreserve(job.request_id)
                 if cache is not None:
                     self._checkin(lane, job, cache, job.prompt[:cached])
@@ -457,6 +501,8 @@ class BatchEngine:
             job.emit(Failed(exc))
             return
         lane.jobs[uid] = job
+        if slot is not None:
+            lane.rows[uid] = slot
         self._uids[job.request_id] = (lane, uid)
         if self._wants_checkpoint(lane, job, cached):
             lane.checkpoints[uid] = None  # taken when the prompt's first segment ends
@@ -477,7 +523,8 @@ class BatchEngine:
             removed = lane.generator.remove([uid], return_prompt_caches=True)
             self.store.unreserve(job.request_id)
             for cache, tokens in removed.values():
-                self._checkin(lane, job, cache, tokens, lane.checkpoints.get(uid))
+                self._checkin(lane, job, lane.outgoing(cache), tokens,
+                              lane.checkpoints.get(uid))
         except Exception as exc:  # the job ends either way; its cache may be lost
             log.exception("could not cancel request %s cleanly", request_id)
             outcome = Failed(exc)
@@ -489,6 +536,8 @@ class BatchEngine:
         job = lane.jobs.pop(uid)
         self._uids.pop(job.request_id, None)
         lane.checkpoints.pop(uid, None)
+        if uid in lane.rows and lane.slots is not None:
+            lane.slots.give_back(lane.rows.pop(uid))
         self.store.unreserve(job.request_id)
         job.emit(event)
 
@@ -505,7 +554,8 @@ class BatchEngine:
                 lane.shared.trim_to(n_bytes=room)
             self.store.reserve_bytes(lane.shared_key, lane.shared.nbytes)
         else:
-            self.store.checkin(AgentCache(job.agent_id, cache, tokens, lane.tag, checkpoint))
+            self.store.checkin(AgentCache(job.agent_id, cache, tokens, lane.tag_of(job),
+                                          checkpoint))
 
     @staticmethod
     def _take_checkpoints(lane: Lane, prompt_responses: list[Any]) -> None:
@@ -514,6 +564,7 @@ class BatchEngine:
         due = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt
                and r.uid in lane.checkpoints]
         for uid, (cache, tokens) in lane.generator.extract_cache(due).items() if due else ():
+            cache = lane.outgoing(cache)
             materialize(cache)
             lane.checkpoints[uid] = (cache, list(tokens))
 
@@ -542,8 +593,8 @@ class BatchEngine:
                 if reason is FinishReason.LENGTH:
                     job.emit(token_out(job, response))  # a stop token is not part of the text
                 self.store.unreserve(job.request_id)
-                self._checkin(lane, job, response.prompt_cache, response.all_tokens,
-                              lane.checkpoints.get(response.uid))
+                self._checkin(lane, job, lane.outgoing(response.prompt_cache),
+                              response.all_tokens, lane.checkpoints.get(response.uid))
                 self._finish(lane, response.uid, Finished(reason))
             except Exception as exc:  # fail this job only
                 log.exception("could not finish request %s", job.request_id)

@@ -68,3 +68,4 @@ class Job:
     logits_processor: Callable[[Any, Any], Any] | None = None  # a grammar, say
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and top k
     model: Any = None  # the LoadedModel (version) it was admitted to, and runs on to its end
+    adapter: Any = None  # the Adapter it was admitted with (None: the base model), to its end

@@ -36,6 +36,7 @@ from semantic_server.engine.jobs import (
 )
 from semantic_server.engine.versions import ModelVersions
 from semantic_server.errors import (
+    AdapterIncompatible,
     AgentBusy,
     ContextLengthExceeded,
     GenerationFailed,
@@ -45,6 +46,7 @@ from semantic_server.errors import (
     QueueFull,
     ServiceDegraded,
 )
+from semantic_server.models.adapters import Adapter, AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.observability import hash_agent
 
@@ -268,11 +270,12 @@ def token_logprob(tokenizer: Any, event: TokenOut) -> TokenLogprob:
 class GenerationService:
     def __init__(self, engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
                  catalog: ModelCatalog, observer: Observer, max_context_tokens: int,
-                 max_queued: int = 64) -> None:
+                 max_queued: int = 64, adapters: AdapterCatalog | None = None) -> None:
         self.engine = engine
         self.gate = gate
         self.versions = versions
         self.catalog = catalog
+        self.adapters = adapters
         self.observer = observer
         self.max_context_tokens = max_context_tokens
         self.max_queued = max_queued
@@ -325,6 +328,29 @@ class GenerationService:
         if not any(entry.model_id == model_id for entry in self.catalog.available()):
             raise ModelNotFound(f"model {model_id!r} does not exist")
 
+    async def _named_adapter(self, model_id: str | None) -> tuple[str | None, Adapter | None]:
+        """The model and adapter a request's ``model`` names: ``base:adapter`` names one of
+        the base's adapters (404 unknown, 422 unusable, read off the event loop)."""
+        if model_id is None or ":" not in model_id:
+            return model_id, None
+        base, _, name = model_id.partition(":")
+        if self.adapters is None:
+            raise ModelNotFound(f"model {model_id!r} does not exist: adapters are off")
+        return base, await asyncio.to_thread(self.adapters.resolve, name)
+
+    def _adapter_for(self, loaded: Any, named: Adapter | None) -> Adapter | None:
+        """The adapter a request admitted to ``loaded`` runs with: the one it named (if
+        the model's prepared layers can take it), else the model's current adapter."""
+        if named is None:
+            return self.versions.adapter_of(loaded)
+        lora = getattr(loaded, "lora", None)
+        if lora is None:
+            raise AdapterIncompatible(
+                f"model {loaded.model_id!r} was loaded with no adapter layers (no adapter "
+                f"for it existed then): swap to it again to prepare them")
+        lora.check(named, loaded.model_id)
+        return named
+
     async def generate(self, agent_id: str | None, prompt: Prompt | Renderer,
                        params: GenerationParams, model_id: str | None = None,
                        request_id: str | None = None, tenant: str | None = None,
@@ -339,9 +365,10 @@ class GenerationService:
         ``request_id`` labels the request's log line; ``tenant`` keeps an anonymous
         request to its own tenant's prefix cache.
         """
+        model_id, adapter = await self._named_adapter(model_id)
         self._check_exists(model_id)
         self._check_capacity()
-        run = self._run(agent_id, prompt, params, model_id, request_id, tenant)
+        run = self._run(agent_id, prompt, params, model_id, adapter, request_id, tenant)
         if agent_id is None:
             async with self.gate.admit(), aclosing(run):
                 async for item in run:
@@ -364,22 +391,26 @@ class GenerationService:
                 self._agent_locks.pop(agent_id, None)
 
     async def _run(self, agent_id: str | None, request: Prompt | Renderer,
-                   params: GenerationParams, model_id: str | None, request_id: str | None,
-                   tenant: str | None) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
-        """The request, pinned to the model version serving as it starts."""
+                   params: GenerationParams, model_id: str | None, named: Adapter | None,
+                   request_id: str | None, tenant: str | None,
+                   ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
+        """The request, pinned to the model version serving as it starts, and to the adapter
+        it named or, if none, the one that model version uses as it starts."""
         with self.versions.pin() as loaded:
-            run = self._run_on(loaded, agent_id, request, params, model_id, request_id, tenant)
+            if model_id is not None and model_id != loaded.model_id:
+                raise ModelNotLoaded(f"model {model_id!r} is available but not loaded "
+                                     f"(loaded: {loaded.model_id}); swap to it first")
+            adapter = self._adapter_for(loaded, named)
+            run = self._run_on(loaded, adapter, agent_id, request, params, request_id, tenant)
             async with aclosing(run):
                 async for item in run:
                     yield item
 
-    async def _run_on(self, loaded: Any, agent_id: str | None, request: Prompt | Renderer,
-                      params: GenerationParams, model_id: str | None, request_id: str | None,
-                      tenant: str | None,
+    async def _run_on(self, loaded: Any, adapter: Adapter | None, agent_id: str | None,
+                      request: Prompt | Renderer, params: GenerationParams,
+                      request_id: str | None, tenant: str | None,
                       ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
-        if model_id is not None and model_id != loaded.model_id:
-            raise ModelNotLoaded(f"model {model_id!r} is available but not loaded (loaded: "
-                                 f"{loaded.model_id}); swap to it first")
+        served = f"{loaded.model_id}:{adapter.name}" if adapter else loaded.model_id
         rendered = (await asyncio.to_thread(request, loaded.tokenizer) if callable(request)
                     else Rendered(request, grammar=params.grammar))
         prompt = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
@@ -391,14 +422,14 @@ class GenerationService:
         processor = None
         if rendered.grammar is not None:
             processor = await asyncio.to_thread(grammar_processor, loaded, rendered.grammar)
-        outcome = Outcome(loaded.model_id, loaded.tag.fingerprint, prompt_tokens=len(prompt))
+        outcome = Outcome(served, loaded.tag.fingerprint, prompt_tokens=len(prompt))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job_id = f"job-{next(self._ids)}"
         self.engine.submit(Job(
             job_id, agent_id, prompt, min(params.max_tokens, limit - len(prompt)),
             params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            tenant, processor, params.logprobs, loaded))
+            tenant, processor, params.logprobs, loaded, adapter))
         self.queued += 1
         started = False
         detokenizer = loaded.tokenizer.detokenizer
@@ -412,7 +443,7 @@ class GenerationService:
                     self.queued -= 1
                 if isinstance(event, Started):
                     outcome.cached_tokens = event.cached_tokens
-                    yield Admitted(loaded.model_id, len(prompt), event.cached_tokens,
+                    yield Admitted(served, len(prompt), event.cached_tokens,
                                    rendered.context)
                 elif isinstance(event, TokenOut):
                     if outcome.ttft_seconds is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from semantic_server.errors import GenerationFailed
+from semantic_server.models.adapters import Adapter
 from semantic_server.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ def log_transition(loaded: LoadedModel | str, state: VersionState, **fields: obj
 
 @dataclass(eq=False)
 class ModelVersion:
-    """A loaded model as requests see it: how many are pinned to it, and when the last
-    one left."""
+    """A loaded model as requests see it: how many are pinned to it, when the last one
+    left, and the adapter its requests use unless they name one (an adapter swap changes
+    it for the requests admitted after it)."""
 
     loaded: LoadedModel
     state: VersionState = VersionState.SERVING
     pins: int = 0
+    adapter: Adapter | None = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,18 @@ class ModelVersions:
         """Requests pinned per version: version -> (model id, pins)."""
         versions = [*([self.serving] if self.serving else []), *self.retiring]
         return {v.loaded.version: (v.loaded.model_id, v.pins) for v in versions}
+
+    def adapter_of(self, loaded: LoadedModel) -> Adapter | None:
+        """The adapter requests on ``loaded`` use unless they name one."""
+        versions = [*([self.serving] if self.serving else []), *self.retiring]
+        return next((v.adapter for v in versions if v.loaded is loaded), None)
+
+    def set_adapter(self, loaded: LoadedModel, adapter: Adapter | None) -> None:
+        """Requests admitted to ``loaded`` from now on use ``adapter``: one assignment on
+        the event loop, so each request sees the old adapter or the new, whole."""
+        if self.serving is None or self.serving.loaded is not loaded:
+            raise RuntimeError(f"{loaded.model_id} is no longer the serving version")
+        self.serving.adapter = adapter
 
     @contextmanager
     def pin(self) -> Iterator[LoadedModel]:

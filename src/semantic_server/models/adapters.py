@@ -48,7 +48,13 @@ class Adapter:
     keys: tuple[str, ...] | None  # the target modules; None: mlx-lm's defaults
     num_layers: int  # the last layers it adapts (-1: all)
     modules: tuple[str, ...]  # the adapted modules, from the weights
+    shapes: tuple[tuple[str, int, int], ...]  # (module, in, out) of each adapted module
     fingerprint: str
+
+    @property
+    def key(self) -> str:
+        """Which adapter, down to its weights: what a cache tag records."""
+        return f"{self.name}@{self.fingerprint}"
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -98,10 +104,13 @@ def _base_model(config: dict[str, Any]) -> str:
     raise AdapterInvalid(f"{CONFIG} does not name the base model it was trained on")
 
 
-def _modules(header: dict[str, Any], kind: AdapterKind, rank: int) -> tuple[str, ...]:
-    """The adapted modules, with every lora_a (in, rank) and lora_b (rank, out) checked."""
+def _modules(header: dict[str, Any], kind: AdapterKind, rank: int,
+             ) -> tuple[tuple[str, int, int], ...]:
+    """The adapted modules as (name, in, out), with every lora_a (in, rank) and lora_b
+    (rank, out) checked."""
     leaves = {"lora_a", "lora_b"} | ({"m"} if kind is AdapterKind.DORA else set())
     modules: dict[str, set[str]] = {}
+    dims: dict[str, dict[str, int]] = {}
     for name, info in header.items():
         module, _, leaf = name.rpartition(".")
         if leaf not in leaves or not module:
@@ -114,12 +123,14 @@ def _modules(header: dict[str, Any], kind: AdapterKind, rank: int) -> tuple[str,
             raise AdapterInvalid(f"{WEIGHTS}: {name!r} has shape {shape}, which does not "
                                  f"match rank {rank}")
         modules.setdefault(module, set()).add(leaf)
+        if leaf in ("lora_a", "lora_b"):
+            dims.setdefault(module, {})[leaf] = shape[0] if leaf == "lora_a" else shape[1]
     if not modules:
         raise AdapterInvalid(f"{WEIGHTS} holds no adapter weights")
     incomplete = sorted(m for m, have in modules.items() if not {"lora_a", "lora_b"} <= have)
     if incomplete:
         raise AdapterInvalid(f"{WEIGHTS}: {incomplete[0]} lacks lora_a or lora_b")
-    return tuple(sorted(modules))
+    return tuple((m, dims[m]["lora_a"], dims[m]["lora_b"]) for m in sorted(modules))
 
 
 def read_adapter(path: Path) -> Adapter:
@@ -149,10 +160,10 @@ def read_adapter(path: Path) -> Adapter:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise AdapterInvalid(f"{WEIGHTS} is missing")
-    modules = _modules(_header(weights), kind, rank)
+    shapes = _modules(_header(weights), kind, rank)
     return Adapter(path.name, path, _base_model(config), kind, rank, float(scale),
-                   tuple(keys) if keys is not None else None, num_layers, modules,
-                   weights_fingerprint(path, CONFIG))
+                   tuple(keys) if keys is not None else None, num_layers,
+                   tuple(m for m, _, _ in shapes), shapes, weights_fingerprint(path, CONFIG))
 
 
 @dataclass(frozen=True)

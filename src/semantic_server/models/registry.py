@@ -27,9 +27,11 @@ import psutil
 from mlx.utils import tree_flatten
 
 from semantic_server.errors import ModelInvalid, ModelLoadError
+from semantic_server.models.adapters import Adapter, AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import LayerKind, ModelDims, dims_from_config
 from semantic_server.models.fingerprint import weights_fingerprint
+from semantic_server.models.lora import PreparedLora, prepare_lora
 from semantic_server.models.tag import ModelTag
 
 TOKENIZERS_KEPT = 4
@@ -60,12 +62,14 @@ class LoadStats:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a load needs that is not MLX work: the model's folder, config and tokenizer."""
+    """What a load needs that is not MLX work: the model's folder, config, tokenizer and
+    the adapters trained on it (its LoRA layers are prepared for them)."""
 
     model_id: str
     path: Path
     config: dict[str, Any]
     tokenizer: Any
+    adapters: tuple[Adapter, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class LoadedModel:
     stats: LoadStats
     weight_bytes: int = 0  # bytes of its parameters in the compute dtype
     version: int = field(default_factory=lambda: next(_versions))  # which load this is
+    lora: PreparedLora | None = None  # its adapter layers, when adapters exist for it
 
     @property
     def dims(self) -> ModelDims:
@@ -182,9 +187,17 @@ def run_slices(slices: Generator[None, None, Any]) -> Any:
 class ModelRegistry:
     """Holds the resident models."""
 
-    def __init__(self, catalog: ModelCatalog, compute_dtype: str = "auto") -> None:
+    def __init__(self, catalog: ModelCatalog, compute_dtype: str = "auto",
+                 adapters: AdapterCatalog | None = None, lora_slots: int = 4,
+                 lora_max_rank: int | None = None) -> None:
+        """``adapters``: where a model's adapters are found when it loads; its LoRA layers
+        get ``lora_slots`` slots (slot 0 is "no adapter") of the largest rank among them,
+        or of ``lora_max_rank`` (0: never prepare LoRA layers)."""
         self.catalog = catalog
         self.compute_dtype = resolve_compute_dtype(compute_dtype)
+        self.adapters = adapters
+        self.lora_slots = lora_slots
+        self.lora_max_rank = lora_max_rank
         self.resident: list[LoadedModel] = []
         # Tokenizers are plain Python objects, not MLX memory, and Gemma's takes seconds to
         # build: keep the last few so a model that comes back in a swap loads faster.
@@ -229,7 +242,10 @@ class ModelRegistry:
             tokenizer = self._tokenizer(path, config)
         except Exception as exc:  # a broken tokenizer file: the model cannot load
             raise ModelLoadError(f"could not load {model_id!r}: {exc}") from exc
-        return Prepared(model_id, path, config, tokenizer)
+        adapters = tuple(listing.adapter for listing in (
+            self.adapters.available() if self.adapters is not None else [])
+            if listing.adapter is not None and listing.adapter.base_model == model_id)
+        return Prepared(model_id, path, config, tokenizer, adapters)
 
     def load(self, model_id: str) -> LoadedModel:
         """Load ``model_id``, convert it to the compute dtype and warm it up, all at once."""
@@ -260,6 +276,8 @@ class ModelRegistry:
                 yield
                 mx.eval(group)
             yield
+            lora = prepare_lora(model, list(prepared.adapters), model_id, self.lora_slots,
+                                self.lora_max_rank)
             cache = _warm_up(model, prepared.tokenizer)
         except (ModelLoadError, ModelInvalid):
             raise
@@ -273,7 +291,9 @@ class ModelRegistry:
         tag = ModelTag(model_id, weights_fingerprint(prepared.path), dims)
         stats = LoadStats(time.perf_counter() - started, before, MemorySnapshot.now())
         loaded = LoadedModel(model_id, prepared.path, model, prepared.tokenizer,
-                             prepared.config, tag, stats, sum(a.nbytes for a in weights))
+                             prepared.config, tag, stats,
+                             sum(a.nbytes for a in weights) + (lora.nbytes if lora else 0),
+                             lora=lora)
         self.resident.append(loaded)
         return loaded
 
@@ -286,6 +306,7 @@ class ModelRegistry:
         started = time.perf_counter()
         self.resident.remove(loaded)
         loaded.model = None
+        loaded.lora = None
         gc.collect()
         mx.clear_cache()
         return UnloadStats(loaded.model_id, time.perf_counter() - started, before,

@@ -46,6 +46,7 @@ from semantic_server.models.registry import LoadedModel, ModelRegistry
 
 if TYPE_CHECKING:
     from semantic_server.observability import Observer
+    from semantic_server.swap.adapter_swap import AdapterSwapResult
 
 log = logging.getLogger(__name__)
 Phase = Literal["startup", "swap", "rollback"]  # which bring-up a step's log line belongs to
@@ -188,9 +189,15 @@ class ModelSwapOrchestrator:
         self.observer = observer
         self.block_tokens = block_tokens
         self.memory_budget_bytes = memory_budget_bytes
-        self.history: deque[SwapResult] = deque(maxlen=history)
+        # model swaps and adapter swaps (AdapterSwapper adds its own), oldest first
+        self.history: deque[SwapResult | AdapterSwapResult] = deque(maxlen=history)
         self.swapping: SwapMode | None = None  # the path of the swap in progress, if any
         self._running: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a model swap is under way."""
+        return self._running is not None
 
     def _tag(self, loaded: LoadedModel) -> CacheTag:
         return CacheTag.for_model(loaded.tag, self.block_tokens)
