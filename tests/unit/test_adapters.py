@@ -117,3 +117,40 @@ def test_the_admin_api_lists_adapters(make_client, tmp_path):
     bad = client.get("/admin/adapters/bad", headers=headers)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "adapter_invalid"
     assert client.get("/admin/adapters").status_code == 401
+
+
+def test_requests_and_swaps_naming_adapters_fail_clearly(make_client, tmp_path):
+    """Bad adapter input over HTTP: 404 unknown, 422 unusable or not fitting the model's
+    layers (fake models load with none), 409 for a model that is not serving, 400 for a
+    malformed body; the model keeps serving, unchanged, through all of it."""
+    write_adapter(tmp_path / "adapters", "caps", config={
+        "semantic_base": {"model_id": "fake-a"}})
+    write_adapter(tmp_path / "adapters", "bad", config={"fine_tune_type": "full"})
+    client = make_client()
+    headers = {"X-Admin-Key": FAST_ADMIN_KEY}
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "fake-a:caps" in ids and "fake-a" in ids and not any("bad" in i for i in ids)
+
+    def chat(model: str):
+        return client.post("/v1/chat/completions", json={
+            "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+
+    for model, status, code in (("fake-a:nope", 404, "adapter_not_found"),
+                                ("fake-a:bad", 422, "adapter_invalid"),
+                                ("fake-a:caps", 422, "adapter_incompatible")):
+        response = chat(model)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    for body, status, code in (
+            ({"model_id": "fake-a", "adapter": "nope"}, 404, "adapter_not_found"),
+            ({"model_id": "fake-a", "adapter": "caps"}, 422, "adapter_incompatible"),
+            ({"model_id": "fake-b", "adapter": "caps"}, 409, "model_not_loaded"),
+            ({"model_id": "fake-a", "adaptor": "caps"}, 400, "invalid_request")):
+        response = client.post("/admin/adapters/swap", json=body, headers=headers)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    swap = client.post("/admin/adapters/swap", json={"model_id": "fake-a", "adapter": None},
+                       headers=headers)
+    assert swap.status_code == 200 and swap.json()["new_adapter"] is None
+    assert client.get("/admin/swaps", headers=headers).json()["data"][-1]["kind"] == "adapter"
+    ok = chat("fake-a")
+    assert ok.status_code == 200 and ok.json()["model"] == "fake-a"
+    assert 'semantic_adapter_swaps_total{result="success"} 1.0' in client.get("/metrics").text

@@ -24,6 +24,7 @@ from semantic_server.cache.cache_file import (
     read_tag_file,
     write_cache,
 )
+from semantic_server.config import CacheReuse
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
 
@@ -314,3 +315,42 @@ def test_quarantine_keeps_only_the_newest_files(tmp_path, monkeypatch):
         assert store.checkout(TAG, agent) is None
     assert len(list((tmp_path / "quarantine").glob("*.safetensors"))) == 2
     assert len(list((tmp_path / "quarantine").glob("*.reason.txt"))) == 2
+
+
+def test_caches_are_kept_per_adapter_and_never_cross(tmp_path):
+    """An adapter on the attention projections changes the keys and values: an agent's
+    cache made under one adapter is never used under another (a counted miss), and each
+    comes back, hot or from disk, when its own adapter does."""
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path)
+    store.add_model(TAG, DIMS)
+    caps, sig = TAG.with_adapter("caps@1111"), TAG.with_adapter("sig@2222")
+    assert len({TAG.digest, caps.digest, sig.digest}) == 3 and caps.base == TAG
+    assert "adapter" not in json.loads(TAG.to_json())  # the base keeps its old digest
+    store.checkin(AgentCache("a", _layers(12), list(range(12)), caps))
+    assert store.checkout(sig, "a") is None  # caps's cache is not sig's
+    assert store.checkout(TAG, "a") is None  # nor the base model's
+    assert store.lookups[Lookup.OTHER_ADAPTER] == 2 and store.lookups[Lookup.MISS] == 0
+    back = store.checkout(caps, "a")
+    assert back is not None and back.tokens == list(range(12)) and back.tag == caps
+    store.checkin(back)
+    store.checkin(AgentCache("a", _layers(5), list(range(5)), sig))  # one cache per adapter
+    assert store.evict_all(TAG) == ["a", "a"]  # the model's caches, whatever the adapter
+    assert store.checkout(TAG, "a") is None and store.lookups[Lookup.OTHER_ADAPTER] == 3
+    from_disk = store.checkout(caps, "a")
+    assert from_disk is not None and len(from_disk.tokens) == 12 and from_disk.tag == caps
+    other = store.checkout(sig, "a")
+    assert other is not None and len(other.tokens) == 5
+    store.remove_model(TAG)
+
+
+def test_dims_reuse_never_crosses_adapters(tmp_path):
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path,
+                            reuse=CacheReuse.DIMS)
+    caps = TAG.with_adapter("caps@1111")
+    reimported = CacheTag("tiny", "beef", 2, 1, 8, 4, "float32", (None, 16))
+    store.add_model(TAG, DIMS)
+    store.add_model(reimported, DIMS)
+    store.checkin(AgentCache("a", _layers(12), list(range(12)), caps))
+    store.evict_all()
+    assert store.checkout(reimported, "a") is None  # same dims, but made under an adapter
+    assert store.checkout(reimported.with_adapter("caps@1111"), "a") is not None
