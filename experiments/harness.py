@@ -45,6 +45,7 @@ class Turn:
     ttft: float
     cached: int
     prompt: int
+    generated: int = 0
 
 
 def machine() -> dict[str, Any]:
@@ -88,14 +89,14 @@ class Harness:
     def run(self, coroutine: Any) -> Any:
         return self.loop.run_until_complete(coroutine)
 
-    async def _turn(self, agent: str | None, messages: list[dict[str, str]],
-                    max_tokens: int) -> Turn:
+    async def _turn(self, agent: str | None, messages: list[dict[str, str]] | str,
+                    max_tokens: int, model: str | None = None) -> Turn:
         params = GenerationParams(max_tokens=max_tokens, sampling=SamplingParams())
         text = []
-        async for item in self.server.service.generate(agent, messages, params):
+        async for item in self.server.service.generate(agent, messages, params, model):
             if isinstance(item, Outcome):
                 return Turn("".join(text), item.ttft_seconds or 0.0, item.cached_tokens,
-                            item.prompt_tokens)
+                            item.prompt_tokens, item.completion_tokens)
             if isinstance(item, str):
                 text.append(item)
         raise RuntimeError("the generation ended without an outcome")
@@ -105,10 +106,14 @@ class Harness:
         return self.run(self._turn(agent, messages, max_tokens))
 
     def turns(self, requests: list[tuple[str | None, list[dict[str, str]]]],
-              max_tokens: int = 8) -> list[Turn]:
-        """Several agents' turns at once (continuous batching)."""
+              max_tokens: int = 8, models: list[str | None] | None = None) -> list[Turn]:
+        """Several agents' turns at once (continuous batching), each on its model (a
+        ``base:adapter`` names an adapter) or, by default, on the serving one."""
+        named = models or [None] * len(requests)
+
         async def all_turns() -> list[Turn]:
-            return await asyncio.gather(*(self._turn(a, m, max_tokens) for a, m in requests))
+            return await asyncio.gather(*(self._turn(a, m, max_tokens, model) for (a, m), model
+                                          in zip(requests, named, strict=True)))
         return self.run(all_turns())
 
     def swap(self, model_id: str, mode: SwapMode = SwapMode.SEQUENTIAL) -> dict[str, Any]:
