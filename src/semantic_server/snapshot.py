@@ -42,6 +42,7 @@ class VersionInfo:
     version: int
     state: str  # serving | retiring
     pinned: int
+    adapter: str | None = None  # the adapter its requests use unless they name one
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
         tag=tag.digest if tag else None,
         fingerprint=loaded.tag.fingerprint if loaded else None,
         versions=tuple(VersionInfo(model_id, version, "serving" if loaded and
-                                    version == loaded.version else "retiring", pins)
-                       for version, (model_id, pins) in versions.pinned().items()),
+                                    version == loaded.version else "retiring", pins, adapter)
+                       for version, (model_id, pins, adapter) in versions.pinned().items()),
         swapping=orchestrator.swapping.value if orchestrator.swapping else None,
         memory_budget_bytes=orchestrator.memory_budget_bytes,
         in_flight=gate.in_flight,

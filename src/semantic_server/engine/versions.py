@@ -70,10 +70,11 @@ class ModelVersions:
         """The model new requests run on."""
         return self.serving.loaded if self.serving else None
 
-    def pinned(self) -> dict[int, tuple[str, int]]:
-        """Requests pinned per version: version -> (model id, pins)."""
+    def pinned(self) -> dict[int, tuple[str, int, str | None]]:
+        """Requests pinned per version: version -> (model id, pins, adapter name)."""
         versions = [*([self.serving] if self.serving else []), *self.retiring]
-        return {v.loaded.version: (v.loaded.model_id, v.pins) for v in versions}
+        return {v.loaded.version: (v.loaded.model_id, v.pins,
+                                   v.adapter.name if v.adapter else None) for v in versions}
 
     def adapter_of(self, loaded: LoadedModel) -> Adapter | None:
         """The adapter requests on ``loaded`` use unless they name one."""
