@@ -126,6 +126,9 @@ class FakeRegistry:
     def kv_dtype_name(self, config: dict[str, Any]) -> str:
         return "float32"
 
+    def lora_bytes(self, model_id: str) -> int:
+        return 0  # fake models have no adapter layers
+
     def prepare(self, model_id: str) -> Prepared:
         return Prepared(model_id, self.catalog.resolve(model_id), dict(CONFIG), FakeTokenizer())
 

@@ -136,6 +136,7 @@ def test_requests_and_swaps_naming_adapters_fail_clearly(make_client, tmp_path):
             "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
 
     for model, status, code in (("fake-a:nope", 404, "adapter_not_found"),
+                                ("fake-a:", 404, "adapter_not_found"),
                                 ("fake-a:bad", 422, "adapter_invalid"),
                                 ("fake-a:caps", 422, "adapter_incompatible")):
         response = chat(model)

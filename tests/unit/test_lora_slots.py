@@ -20,7 +20,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from semantic_server.engine.adapter_rows import RoutedModel, with_row, without_row
 from semantic_server.engine.adapter_slots import NO_ADAPTER, AdapterSlots
-from semantic_server.errors import AdapterIncompatible, AdapterSlotsBusy
+from semantic_server.errors import AdapterIncompatible, AdapterInvalid, AdapterSlotsBusy
 from semantic_server.models.adapters import read_adapter
 from semantic_server.models.lora import SlotRouting, SlottedLoRALinear, prepare_lora
 
@@ -194,3 +194,21 @@ def test_modules_it_was_not_prepared_for_are_refused(tmp_path):
     assert lora is not None
     with pytest.raises(AdapterIncompatible, match=r"model\.layers\.1\..* not prepared"):
         lora.check(both, BASE)
+
+
+def test_files_changed_or_damaged_after_the_check_are_refused(tmp_path, adapters):
+    """A slot is filled from disk when it is needed, maybe long after the adapter was
+    checked: other weights under the same name would run under the old fingerprint (and
+    its caches), so they are refused, as are files that cannot be read."""
+    lora = prepare_lora(tiny_llama(), list(adapters.values()), BASE, slots=2)
+    assert lora is not None
+    one = adapters["one"]
+    weights = one.path / "adapters.safetensors"
+    mx.save_safetensors(str(weights), {k: v * 2 for k, v in mx.load(str(weights)).items()})
+    with pytest.raises(AdapterInvalid, match="changed on disk"):
+        lora.write(1, one)
+    two = adapters["two"]
+    path = two.path / "adapters.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])  # truncated: the header still reads
+    with pytest.raises(AdapterInvalid):
+        lora.write(1, read_adapter(two.path))

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_lm.models.cache import make_prompt_cache
+
 from semantic_server.models.lora import PreparedLora
 
 
@@ -87,8 +89,8 @@ class RoutedModel:
         if cache is None:  # not a batch: no adapter
             return self.model(inputs, **kwargs)
         rows = cache[-1]
-        if not isinstance(rows, AdapterRows):
-            raise RuntimeError("a routed batch has no adapter rows")
+        if not isinstance(rows, AdapterRows) or len(rows.slots) != inputs.shape[0]:
+            raise RuntimeError("a routed batch's adapter rows are out of step with its rows")
         self.lora.routing.use(rows.slots)
         try:
             return self.model(inputs, cache=cache[:-1], **kwargs)
@@ -96,7 +98,7 @@ class RoutedModel:
             self.lora.routing.rows = None
 
     def make_cache(self) -> list[Any]:
-        return with_row(self.model.make_cache(), 0)
+        return with_row(make_prompt_cache(self.model), 0)
 
     def __getattr__(self, name: str) -> Any:  # layers, args...: the model's own
         return getattr(self.model, name)

@@ -35,7 +35,12 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 from mlx_lm.sample_utils import apply_top_p
 
 from semantic_server.cache.agent_store import AgentCacheStore
@@ -52,6 +57,7 @@ from semantic_server.engine.jobs import (
     Started,
     TokenOut,
 )
+from semantic_server.errors import AdapterIncompatible, ModelNotLoaded
 from semantic_server.models.adapters import Adapter
 from semantic_server.models.registry import LoadedModel
 
@@ -310,14 +316,11 @@ class BatchEngine:
         """Copy ``adapter`` into a free slot of ``loaded``'s prepared layers, between two
         steps (engine thread only); the running jobs keep theirs."""
         lane = self._lanes.get(loaded)
-        if lane is None or lane.slots is None:
-            raise RuntimeError(f"{loaded.model_id} has no prepared adapter layers")
+        if lane is None:
+            raise ModelNotLoaded(f"{loaded.model_id} is no longer loaded")
+        if lane.slots is None:
+            raise AdapterIncompatible(f"{loaded.model_id} has no prepared adapter layers")
         return lane.slots.load(adapter)
-
-    def adapter_slots(self, loaded: LoadedModel) -> dict[str, int]:
-        """Adapter key -> slot of ``loaded``'s resident adapters (engine thread only)."""
-        lane = self._lanes.get(loaded)
-        return lane.slots.resident() if lane is not None and lane.slots is not None else {}
 
     def detach(self, loaded: LoadedModel) -> None:
         """Drop ``loaded``'s lane, its generator and every reference to the model (engine
@@ -453,25 +456,29 @@ class BatchEngine:
 
     def _schedule(self) -> None:
         """Start waiting jobs, in order, while a batch slot is free and the KV budget has
-        room for them (a job that fits nowhere runs once nothing else does)."""
+        room for them (a job that fits nowhere runs once nothing else does). A job whose
+        adapter finds every adapter slot in use is passed over until one comes free (the
+        oldest such job gets it first); the jobs behind it go on."""
+        blocked: list[Job] = []  # waiting for an adapter slot, in queue order
         while self._pending and self.active_jobs < self.max_batch:
-            job = self._pending[0]
+            job = self._pending.popleft()
             lane = self._lanes.get(job.model)
             if lane is None:  # its model left meanwhile (a failed swap's cleanup)
-                self._pending.popleft()
                 job.emit(Failed(RuntimeError("its model is not loaded")))
                 continue
             if job.adapter is not None and lane.slots is None:
-                self._pending.popleft()
-                job.emit(Failed(RuntimeError("its model has no prepared adapter layers")))
+                job.emit(Failed(AdapterIncompatible(
+                    f"{job.model.model_id} has no prepared adapter layers")))
                 continue
             if lane.slots is not None and not lane.slots.can_take(job.adapter):
-                return  # every adapter slot is in use: wait for a job to end
+                blocked.append(job)
+                continue
             reserve = self._reservation(lane, job, cached=0)
             if self.active_jobs and not self.store.fits(lane.tag, reserve):
-                return
-            self._pending.popleft()
+                self._pending.appendleft(job)
+                break
             self._start(lane, job)
+        self._pending.extendleft(reversed(blocked))
 
     def _start(self, lane: Lane, job: Job) -> None:
         cache, cached, slot = None, 0, None
@@ -483,7 +490,7 @@ class BatchEngine:
             if lane.slots is not None:  # the sequence carries its adapter slot
                 slot = lane.slots.take(job.adapter)
                 inserted = with_row(cache if cache is not None
-                                    else lane.loaded.model.make_cache(), slot)
+                                    else make_prompt_cache(lane.loaded.model), slot)
             (uid,) = lane.generator.insert(
                 [job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[inserted],
                 all_tokens=[job.prompt[:cached]], samplers=[sampler],
@@ -531,6 +538,15 @@ class BatchEngine:
         finally:
             self._finish(lane, uid, outcome)
             self._schedule()
+
+    @staticmethod
+    def _remove_quietly(lane: Lane, uid: int) -> None:
+        """Take a failed job's row out of the batch (its cache is lost with it), so it
+        neither decodes on nor holds a slot that is given back."""
+        try:
+            lane.generator.remove([uid])
+        except Exception:
+            log.exception("could not remove a failed row from the batch")
 
     def _finish(self, lane: Lane, uid: int, event: Event) -> None:
         job = lane.jobs.pop(uid)
@@ -599,5 +615,7 @@ class BatchEngine:
             except Exception as exc:  # fail this job only
                 log.exception("could not finish request %s", job.request_id)
                 if response.uid in lane.jobs:
+                    if response.finish_reason is None:  # still in the batch: take it out
+                        self._remove_quietly(lane, response.uid)
                     self._finish(lane, response.uid, Failed(exc))
         self._schedule()

@@ -44,6 +44,7 @@ from semantic_server.errors import (
     ModelNotFound,
     ModelNotLoaded,
     QueueFull,
+    SemanticServerError,
     ServiceDegraded,
 )
 from semantic_server.models.adapters import Adapter, AdapterCatalog
@@ -431,7 +432,7 @@ class GenerationService:
             params.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             tenant, processor, params.logprobs, loaded, adapter))
         self.queued += 1
-        started = False
+        started = admitted = False
         detokenizer = loaded.tokenizer.detokenizer
         stops = StopStrings(params.stop)
         ended = False
@@ -442,6 +443,7 @@ class GenerationService:
                     started = True
                     self.queued -= 1
                 if isinstance(event, Started):
+                    admitted = True
                     outcome.cached_tokens = event.cached_tokens
                     yield Admitted(served, len(prompt), event.cached_tokens,
                                    rendered.context)
@@ -468,6 +470,8 @@ class GenerationService:
                     return
                 elif isinstance(event, Failed):
                     ended = True
+                    if isinstance(event.error, SemanticServerError) and not admitted:
+                        raise event.error  # refused before any output: its own status
                     raise GenerationFailed("generation failed") from event.error
         finally:
             if not started:

@@ -202,7 +202,7 @@ class AdapterCatalog:
     def resolve(self, name: str) -> Adapter:
         """The adapter called ``name``: 404 if there is none, 422 if it is unusable."""
         path = self.adapters_dir / name
-        if "/" in name or "\\" in name or name.startswith(".") or not path.is_dir():
+        if not name or "/" in name or "\\" in name or name.startswith(".") or not path.is_dir():
             raise AdapterNotFound(f"adapter {name!r} does not exist")
         try:
             return read_adapter(path)

@@ -24,8 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from semantic_server.errors import AdapterIncompatible
-from semantic_server.models.adapters import WEIGHTS, Adapter, AdapterKind
+from semantic_server.errors import AdapterIncompatible, AdapterInvalid
+from semantic_server.models.adapters import CONFIG, WEIGHTS, Adapter, AdapterKind
+from semantic_server.models.fingerprint import weights_fingerprint
 
 
 @dataclass
@@ -83,9 +84,11 @@ class SlottedLoRALinear(nn.Module):
         rows = self._routing.rows
         if rows is None:
             return y
-        # one slot: (in, rank) and (rank, out); per row: (batch, in, rank) and (batch, rank,
-        # out), a batched matmul against x's (batch, length, in)
-        z = (x @ self.lora_a[rows]) @ self.lora_b[rows]
+        if isinstance(rows, int):  # one slot for the batch: two plain matmuls
+            z = (x @ self.lora_a[rows]) @ self.lora_b[rows]
+        else:  # each row its slot's pair, gathered inside the matmul (no copies of them)
+            z = mx.gather_mm(mx.gather_mm(x, self.lora_a, rhs_indices=rows), self.lora_b,
+                             rhs_indices=rows)
         return y + z.astype(y.dtype)
 
 
@@ -127,16 +130,24 @@ class PreparedLora:
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Copy ``adapter``'s weights into ``slot`` of every prepared layer (engine thread);
-        the layers it does not adapt get zeros there."""
+        the layers it does not adapt get zeros there. Files that changed since the adapter
+        was checked (its caches are tagged with the fingerprint it had then) or that cannot
+        be read are an AdapterInvalid, and the slot is left to be overwritten."""
         if not 0 < slot < self.slots:
             raise ValueError(f"slot {slot} is not an adapter slot")
-        weights = mx.load(str(adapter.path / WEIGHTS))
-        for name, layer in self.layers.items():
-            if name in adapter.modules:
-                layer.write(slot, weights[f"{name}.lora_a"], weights[f"{name}.lora_b"],
-                            adapter.scale)
-            else:
-                layer.clear(slot)
+        try:
+            if weights_fingerprint(adapter.path, CONFIG) != adapter.fingerprint:
+                raise AdapterInvalid(f"adapter {adapter.name!r} changed on disk since it was "
+                                     f"checked: name it again")
+            weights = mx.load(str(adapter.path / WEIGHTS))
+            for name, layer in self.layers.items():
+                if name in adapter.modules:
+                    layer.write(slot, weights[f"{name}.lora_a"], weights[f"{name}.lora_b"],
+                                adapter.scale)
+                else:
+                    layer.clear(slot)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise AdapterInvalid(f"adapter {adapter.name!r} cannot be read: {exc}") from exc
         mx.eval([[layer.lora_a, layer.lora_b] for layer in self.layers.values()])
 
     @property
@@ -144,14 +155,31 @@ class PreparedLora:
         return sum(layer.lora_a.nbytes + layer.lora_b.nbytes for layer in self.layers.values())
 
 
+def _plan(adapters: list[Adapter], model_id: str, max_rank: int | None,
+          ) -> tuple[dict[str, tuple[int, int]], int]:
+    """The modules to prepare, with their (in, out), and the rank: those that ``adapters``
+    trained on ``model_id`` target, and their largest rank (or ``max_rank``)."""
+    usable = [a for a in adapters if a.base_model == model_id and a.kind is AdapterKind.LORA]
+    shapes = {module: (in_dims, out_dims) for adapter in usable
+              for module, in_dims, out_dims in adapter.shapes}
+    rank = max_rank if max_rank is not None else max((a.rank for a in usable), default=0)
+    return shapes, rank
+
+
+def prepared_bytes(adapters: list[Adapter], model_id: str, slots: int,
+                   max_rank: int | None = None, dtype_bytes: int = 4) -> int:
+    """What :func:`prepare_lora` will add to ``model_id``'s memory (for a preflight)."""
+    shapes, rank = _plan(adapters, model_id, max_rank)
+    return sum(slots * rank * (i + o) * dtype_bytes for i, o in shapes.values()) if rank > 0 else 0
+
+
 def prepare_lora(model: Any, adapters: list[Adapter], model_id: str, slots: int,
                  max_rank: int | None = None) -> PreparedLora | None:
     """Wrap every module that ``adapters`` (those trained on ``model_id``) target, once,
     for the largest rank among them or ``max_rank``; None when there is nothing to
     prepare (no adapter for this model, or ``max_rank`` 0)."""
-    usable = [a for a in adapters if a.base_model == model_id and a.kind is AdapterKind.LORA]
-    modules = sorted({module for adapter in usable for module in adapter.modules})
-    rank = max_rank if max_rank is not None else max((a.rank for a in usable), default=0)
+    shapes, rank = _plan(adapters, model_id, max_rank)
+    modules = sorted(shapes)
     if not modules or rank <= 0:
         return None
     named = dict(model.named_modules())

@@ -31,7 +31,7 @@ from semantic_server.models.adapters import Adapter, AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import LayerKind, ModelDims, dims_from_config
 from semantic_server.models.fingerprint import weights_fingerprint
-from semantic_server.models.lora import PreparedLora, prepare_lora
+from semantic_server.models.lora import PreparedLora, prepare_lora, prepared_bytes
 from semantic_server.models.tag import ModelTag
 
 TOKENIZERS_KEPT = 4
@@ -242,10 +242,20 @@ class ModelRegistry:
             tokenizer = self._tokenizer(path, config)
         except Exception as exc:  # a broken tokenizer file: the model cannot load
             raise ModelLoadError(f"could not load {model_id!r}: {exc}") from exc
-        adapters = tuple(listing.adapter for listing in (
-            self.adapters.available() if self.adapters is not None else [])
-            if listing.adapter is not None and listing.adapter.base_model == model_id)
-        return Prepared(model_id, path, config, tokenizer, adapters)
+        return Prepared(model_id, path, config, tokenizer, self._adapters_of(model_id))
+
+    def _adapters_of(self, model_id: str) -> tuple[Adapter, ...]:
+        """The usable adapters trained on ``model_id`` (reads their folders)."""
+        listings = self.adapters.available() if self.adapters is not None else []
+        return tuple(listing.adapter for listing in listings
+                     if listing.adapter is not None and listing.adapter.base_model == model_id)
+
+    def lora_bytes(self, model_id: str) -> int:
+        """What ``model_id``'s prepared LoRA layers will take (reads the adapters' folders:
+        off the event loop)."""
+        dtype = self.compute_dtype.size if self.compute_dtype is not None else 4
+        return prepared_bytes(list(self._adapters_of(model_id)), model_id, self.lora_slots,
+                              self.lora_max_rank, dtype)
 
     def load(self, model_id: str) -> LoadedModel:
         """Load ``model_id``, convert it to the compute dtype and warm it up, all at once."""

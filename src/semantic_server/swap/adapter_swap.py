@@ -26,12 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.versions import ModelVersions
-from semantic_server.errors import (
-    AdapterIncompatible,
-    AdapterSlotsBusy,
-    ModelNotLoaded,
-    SwapInProgress,
-)
+from semantic_server.errors import AdapterIncompatible, ModelNotLoaded, SemanticServerError
 from semantic_server.models.adapters import Adapter, AdapterCatalog
 
 if TYPE_CHECKING:
@@ -74,15 +69,12 @@ class AdapterSwapper:
         self.adapters = adapters
         self.engine = engine
         self.versions = versions
-        self.orchestrator = orchestrator  # whose history these swaps join
+        self.orchestrator = orchestrator  # one swap of any kind at a time; its history
         self.observer = observer
-        self._lock = asyncio.Lock()
 
     async def swap(self, model_id: str, name: str | None) -> AdapterSwapResult:
         """Make ``name`` (None: no adapter) the adapter of serving model ``model_id``."""
-        if self.orchestrator.running or self._lock.locked():
-            raise SwapInProgress("another swap is in progress")
-        async with self._lock:
+        with self.orchestrator.exclusive("adapter"):
             return await self._swap(model_id, name)
 
     async def _swap(self, model_id: str, name: str | None) -> AdapterSwapResult:
@@ -102,7 +94,7 @@ class AdapterSwapper:
             try:
                 load = await self.engine.on_thread(
                     lambda: self.engine.load_adapter(loaded, adapter))
-            except AdapterSlotsBusy:  # nothing changed: the caller may retry
+            except SemanticServerError:  # refused (slots busy, files changed): nothing changed
                 raise
             except Exception as exc:
                 result.status = AdapterSwapOutcome.FAILED
@@ -131,11 +123,12 @@ class AdapterSwapper:
         if name is None:
             return None
         adapter = self.adapters.resolve(name)
-        if loaded.lora is None:
+        lora = loaded.lora
+        if lora is None:
             raise AdapterIncompatible(
                 f"model {loaded.model_id!r} was loaded with no adapter layers (no adapter "
                 f"for it existed then): swap to it again to prepare them")
-        loaded.lora.check(adapter, loaded.model_id)
+        lora.check(adapter, loaded.model_id)
         return adapter
 
     def _finish(self, result: AdapterSwapResult, started: float) -> AdapterSwapResult:

@@ -26,7 +26,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -193,11 +194,19 @@ class ModelSwapOrchestrator:
         self.history: deque[SwapResult | AdapterSwapResult] = deque(maxlen=history)
         self.swapping: SwapMode | None = None  # the path of the swap in progress, if any
         self._running: asyncio.Task | None = None
+        self._other: str | None = None  # another kind of swap holding the models (adapters)
 
-    @property
-    def running(self) -> bool:
-        """Whether a model swap is under way."""
-        return self._running is not None
+    @contextmanager
+    def exclusive(self, kind: str) -> Iterator[None]:
+        """Hold off model swaps while another kind of swap (``kind``: an adapter swap)
+        changes a serving model: one swap of any kind at a time, a 409 for the next."""
+        if self._running is not None or self._other is not None:
+            raise SwapInProgress("another swap is in progress")
+        self._other = kind
+        try:
+            yield
+        finally:
+            self._other = None
 
     def _tag(self, loaded: LoadedModel) -> CacheTag:
         return CacheTag.for_model(loaded.tag, self.block_tokens)
@@ -212,7 +221,9 @@ class ModelSwapOrchestrator:
         except ValueError as exc:
             raise ModelInvalid(f"model {model_id!r}: {exc}") from exc
         dtype = self.registry.compute_dtype
-        plan = MemoryPlan(estimated_bytes(path, config, dtype.size if dtype else None),
+        need = (estimated_bytes(path, config, dtype.size if dtype else None)
+                + self.registry.lora_bytes(model_id))
+        plan = MemoryPlan(need,
                           sum(m.weight_bytes for m in self.registry.resident),
                           self.memory_budget_bytes, psutil.virtual_memory().available)
         if not plan.fits_alone:
@@ -258,7 +269,7 @@ class ModelSwapOrchestrator:
         cancelled (an admin client that disconnects), since stopping between two steps
         would leave the server half swapped. One swap at a time: a second is refused.
         """
-        if self._running is not None:
+        if self._running is not None or self._other is not None:
             raise SwapInProgress("another swap is in progress")
         self._running = asyncio.create_task(self._swap_once(model_id, timeout_seconds, mode))
         return await asyncio.shield(self._running)
