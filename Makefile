@@ -1,10 +1,12 @@
 # The README's two commands: `make serve` and `make test`. Both set up everything from
-# nothing: the virtualenv, the package, OpenBLAS on Linux, and the two real models.
+# nothing: the virtualenv, the package, OpenBLAS on Linux, the two real models and the two
+# LoRA adapters trained on one of them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := models/.fetched
+ADAPTERS := adapters/.trained
 
 .PHONY: serve test test-fast lint experiments setup clean-models
 
@@ -25,7 +27,7 @@ test-fast: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
-setup: $(INSTALLED) $(MODELS)
+setup: $(INSTALLED) $(MODELS) $(ADAPTERS)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,11 @@ $(INSTALLED): pyproject.toml
 
 $(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja src/semantic_server/models/gguf_import.py src/semantic_server/models/gguf_blocks.py
 	$(PY) scripts/fetch_models
+	touch $@
+
+# Two small LoRA adapters for SmolLM2 (about two minutes on two CPU cores).
+$(ADAPTERS): $(MODELS) scripts/train_adapters $(wildcard scripts/adapter_data/*/*.jsonl)
+	$(PY) scripts/train_adapters
 	touch $@
 
 experiments: setup
