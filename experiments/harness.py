@@ -25,6 +25,7 @@ import semantic_server  # noqa: F401  (OpenBLAS before mlx)
 from semantic_server.app import ServerContext, start_server, stop_server
 from semantic_server.blas import blas_status
 from semantic_server.config import Settings
+from semantic_server.engine.batch_engine import GeneratorFactory, batch_generator
 from semantic_server.engine.jobs import SamplingParams
 from semantic_server.engine.service import GenerationParams, Outcome
 from semantic_server.swap.orchestrator import SwapMode
@@ -79,12 +80,14 @@ def history(agent: int, tokens: int) -> str:
 
 
 class Harness:
-    def __init__(self, model: str = SMOLLM2, **settings: Any) -> None:
+    def __init__(self, model: str = SMOLLM2, make_generator: GeneratorFactory = batch_generator,
+                 **settings: Any) -> None:
         self.cache_dir = Path(tempfile.mkdtemp(prefix="semantic-exp-"))
         self.settings = Settings(model=model, models_dir=ROOT / "models",
                                  cache_dir=self.cache_dir, **settings)
         self.loop = asyncio.new_event_loop()
-        self.server: ServerContext = self.run(start_server(self.settings))
+        self.server: ServerContext = self.run(start_server(self.settings,
+                                                           make_generator=make_generator))
 
     def run(self, coroutine: Any) -> Any:
         return self.loop.run_until_complete(coroutine)

@@ -91,13 +91,16 @@ def fit_cache(layers: list[Any], tokens: list[int], prompt: list[int],
     return layers, keep
 
 
-def batch_generator(loaded: LoadedModel, max_batch: int, prefill_step_size: int,
-                    ) -> BatchGenerator:
+def batch_generator(loaded: LoadedModel, max_batch: int, prefill_step_size: int, *,
+                    stop_at_eos: bool = True) -> BatchGenerator:
     """mlx-lm's continuous-batching generator over ``loaded``, stopping at its EOS tokens
-    (over its routed form when it has prepared LoRA layers: each row its own adapter)."""
+    (over its routed form when it has prepared LoRA layers: each row its own adapter).
+    ``stop_at_eos=False`` runs every sequence to its max_tokens: for throughput
+    measurements whose batches must not shrink at different times."""
     return BatchGenerator(
         RoutedModel(loaded.model, loaded.lora) if loaded.lora else loaded.model,
-        stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
+        stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)] if stop_at_eos
+        else None,
         completion_batch_size=max_batch,
         prefill_batch_size=min(8, max_batch),
         prefill_step_size=prefill_step_size,
