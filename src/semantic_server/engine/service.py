@@ -36,7 +36,6 @@ from semantic_server.engine.jobs import (
 )
 from semantic_server.engine.versions import ModelVersions
 from semantic_server.errors import (
-    AdapterIncompatible,
     AgentBusy,
     ContextLengthExceeded,
     GenerationFailed,
@@ -49,6 +48,7 @@ from semantic_server.errors import (
 )
 from semantic_server.models.adapters import Adapter, AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
+from semantic_server.models.lora import check_adapter
 from semantic_server.observability import hash_agent
 
 if TYPE_CHECKING:
@@ -344,12 +344,7 @@ class GenerationService:
         the model's prepared layers can take it), else the model's current adapter."""
         if named is None:
             return self.versions.adapter_of(loaded)
-        lora = getattr(loaded, "lora", None)
-        if lora is None:
-            raise AdapterIncompatible(
-                f"model {loaded.model_id!r} was loaded with no adapter layers (no adapter "
-                f"for it existed then): swap to it again to prepare them")
-        lora.check(named, loaded.model_id)
+        check_adapter(getattr(loaded, "lora", None), named, loaded.model_id)
         return named
 
     async def generate(self, agent_id: str | None, prompt: Prompt | Renderer,

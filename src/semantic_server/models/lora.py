@@ -155,6 +155,16 @@ class PreparedLora:
         return sum(layer.lora_a.nbytes + layer.lora_b.nbytes for layer in self.layers.values())
 
 
+def check_adapter(lora: PreparedLora | None, adapter: Adapter, model_id: str) -> None:
+    """A 422 naming why ``adapter`` cannot run on ``model_id``, whose prepared layers are
+    ``lora`` (None: it loaded with none), if it cannot."""
+    if lora is None:
+        raise AdapterIncompatible(
+            f"model {model_id!r} was loaded with no adapter layers (no adapter for it "
+            f"existed then): swap to it again to prepare them")
+    lora.check(adapter, model_id)
+
+
 def _plan(adapters: list[Adapter], model_id: str, max_rank: int | None,
           ) -> tuple[dict[str, tuple[int, int]], int]:
     """The modules to prepare, with their (in, out), and the rank: those that ``adapters``

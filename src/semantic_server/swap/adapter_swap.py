@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.versions import ModelVersions
-from semantic_server.errors import AdapterIncompatible, ModelNotLoaded, SemanticServerError
+from semantic_server.errors import ModelNotLoaded, SemanticServerError
 from semantic_server.models.adapters import Adapter, AdapterCatalog
+from semantic_server.models.lora import check_adapter
 
 if TYPE_CHECKING:
     from semantic_server.observability import Observer
@@ -123,12 +124,7 @@ class AdapterSwapper:
         if name is None:
             return None
         adapter = self.adapters.resolve(name)
-        lora = loaded.lora
-        if lora is None:
-            raise AdapterIncompatible(
-                f"model {loaded.model_id!r} was loaded with no adapter layers (no adapter "
-                f"for it existed then): swap to it again to prepare them")
-        lora.check(adapter, loaded.model_id)
+        check_adapter(loaded.lora, adapter, loaded.model_id)
         return adapter
 
     def _finish(self, result: AdapterSwapResult, started: float) -> AdapterSwapResult:
