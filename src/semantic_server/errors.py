@@ -100,6 +100,11 @@ class GenerationFailed(SemanticServerError):
     """The engine could not run the request (an internal fault, reported without details)."""
 
 
+class ModelStateConflict(SemanticServerError):
+    """A model operation that contradicts what is resident (loading a model already
+    loaded, unloading the serving model)."""
+
+
 class SwapInProgress(SemanticServerError):
     """Only one swap runs at a time."""
 

@@ -43,6 +43,7 @@ class VersionInfo:
     state: str  # serving | retiring
     pinned: int
     adapter: str | None = None  # the adapter its requests use unless they name one
+    default: bool = False  # it takes the requests that name no model
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,10 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
         dims=loaded.dims if loaded else None,
         tag=tag.digest if tag else None,
         fingerprint=loaded.tag.fingerprint if loaded else None,
-        versions=tuple(VersionInfo(model_id, version, "serving" if loaded and
-                                    version == loaded.version else "retiring", pins, adapter)
-                       for version, (model_id, pins, adapter) in versions.pinned().items()),
+        versions=tuple(VersionInfo(model_id, version, state.value, pins, adapter,
+                                   loaded is not None and version == loaded.version)
+                       for version, (model_id, pins, adapter, state)
+                       in versions.pinned().items()),
         swapping=orchestrator.swapping.value if orchestrator.swapping else None,
         memory_budget_bytes=orchestrator.memory_budget_bytes,
         in_flight=gate.in_flight,

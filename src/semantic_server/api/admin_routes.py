@@ -64,6 +64,30 @@ async def swap(request: Request) -> JSONResponse:
     return JSONResponse(result.as_dict(), status_code=swap_status(result))
 
 
+class ResidencyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(min_length=1)
+    timeout_seconds: float = Field(60.0, gt=0, le=3600)
+
+
+async def load(request: Request) -> JSONResponse:
+    """Load a model beside the resident ones; it takes the requests that name it."""
+    server = require_admin(request)
+    body = ResidencyRequest.model_validate(
+        await read_json(request, server.settings.max_body_bytes))
+    result = await server.orchestrator.load(body.model_id, body.timeout_seconds)
+    return JSONResponse(result.as_dict(), status_code=swap_status(result))
+
+
+async def unload(request: Request) -> JSONResponse:
+    """Unload a model loaded beside (its requests finish first, its caches go to disk)."""
+    server = require_admin(request)
+    body = ResidencyRequest.model_validate(
+        await read_json(request, server.settings.max_body_bytes))
+    result = await server.orchestrator.unload(body.model_id, body.timeout_seconds)
+    return JSONResponse(result.as_dict(), status_code=swap_status(result))
+
+
 async def current(request: Request) -> JSONResponse:
     server = require_admin(request)
     return JSONResponse(server.snapshot().current())
@@ -71,10 +95,10 @@ async def current(request: Request) -> JSONResponse:
 
 async def available(request: Request) -> JSONResponse:
     server = require_admin(request)
-    loaded = server.snapshot().model_id
+    resident = {v.model_id for v in server.snapshot().versions if v.state == "serving"}
     return JSONResponse({"data": [
         {"model_id": e.model_id, "source": e.source, "path": str(e.path) if e.path else None,
-         "loaded": loaded == e.model_id}
+         "loaded": e.model_id in resident}
         for e in server.catalog.available()]})
 
 
@@ -122,6 +146,8 @@ async def adapter(request: Request) -> JSONResponse:
 
 routes = [
     Route("/admin/models/swap", swap, methods=["POST"]),
+    Route("/admin/models/load", load, methods=["POST"]),
+    Route("/admin/models/unload", unload, methods=["POST"]),
     Route("/admin/models/current", current, methods=["GET"]),
     Route("/admin/models/available", available, methods=["GET"]),
     Route("/admin/swaps", swaps, methods=["GET"]),

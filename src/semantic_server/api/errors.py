@@ -32,6 +32,7 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     e.ModelNotLoaded: (409, "invalid_request_error", "model_not_loaded"),
     e.SwapInProgress: (409, "invalid_request_error", "swap_in_progress"),
+    e.ModelStateConflict: (409, "invalid_request_error", "model_state_conflict"),
     e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
     e.UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),

@@ -1,10 +1,10 @@
 """The asyncio face of the engine: messages in, text deltas and a final outcome out.
 
 It keeps the rules that hold for every request whatever protocol carried it: the model a
-request names must exist (404 at once) and be the one serving when it is admitted, one
-request per agent at a time (its cache is in use), admission through the gate and a pin
-on the serving model version (so a request runs entirely on one model, even when a
-zero-downtime swap promotes another meanwhile), tokenization off the event loop, stop
+request names must exist (404 at once) and be resident (serving, or loaded beside) when it
+is admitted, one request per agent at a time (its cache is in use), admission through the
+gate and a pin on the version serving its model (so a request runs entirely on one model,
+even when a zero-downtime swap promotes another meanwhile), tokenization off the event loop, stop
 strings cut out of the text, a job removed from the batch the moment its consumer goes
 away, and every finished request counted and logged.
 """
@@ -41,7 +41,6 @@ from semantic_server.errors import (
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
-    ModelNotLoaded,
     QueueFull,
     SemanticServerError,
     ServiceDegraded,
@@ -323,8 +322,7 @@ class GenerationService:
         Whether the named model is the loaded one is decided once the request is admitted:
         a request held through a swap is judged against the model it will run on.
         """
-        loaded = self.versions.loaded
-        if model_id is None or (loaded is not None and model_id == loaded.model_id):
+        if model_id is None or self.versions.resident(model_id) is not None:
             return  # the common case, without listing the catalog's folders on the event loop
         if not any(entry.model_id == model_id for entry in self.catalog.available()):
             raise ModelNotFound(f"model {model_id!r} does not exist")
@@ -356,8 +354,9 @@ class GenerationService:
         Refusals (unknown model, busy, too long, a grammar that does not compile) raise
         before ``Admitted``.
 
-        ``model_id``, when the request named one, must be the model loaded once the request
-        is admitted: a request held through a swap never runs on a model it did not name.
+        ``model_id``, when the request named one, must be resident (serving, or loaded
+        beside) once the request is admitted: a request held through a swap never runs on
+        a model it did not name.
         ``request_id`` labels the request's log line; ``tenant`` keeps an anonymous
         request to its own tenant's prefix cache.
         """
@@ -392,10 +391,7 @@ class GenerationService:
                    ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
         """The request, pinned to the model version serving as it starts, and to the adapter
         it named or, if none, the one that model version uses as it starts."""
-        with self.versions.pin() as loaded:
-            if model_id is not None and model_id != loaded.model_id:
-                raise ModelNotLoaded(f"model {model_id!r} is available but not loaded "
-                                     f"(loaded: {loaded.model_id}); swap to it first")
+        with self.versions.pin(model_id) as loaded:
             adapter = self._adapter_for(loaded, named)
             run = self._run_on(loaded, adapter, agent_id, request, params, request_id, tenant)
             async with aclosing(run):

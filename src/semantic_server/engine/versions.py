@@ -1,6 +1,9 @@
-"""Which model version a request runs on: the serving one, and those retiring.
+"""Which model version a request runs on: the serving one, those beside it, and those
+retiring.
 
-A request pins the version that serves when it starts and holds the pin to its end, so it
+The *serving* version takes the requests that name no model (or name it); models loaded
+*beside* it (``POST /admin/models/load``) take the requests that name them. A request pins
+the version that serves its model when it starts and holds the pin to its end, so it
 runs entirely on one model. A promotion switches which version new requests pin: one
 assignment on the event loop, where every pin is taken, so no request can see half of it.
 The version it replaced retires: its pinned requests finish on it, and it is reclaimed
@@ -18,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from semantic_server.errors import GenerationFailed
+from semantic_server.errors import GenerationFailed, ModelNotLoaded
 from semantic_server.models.adapters import Adapter
 from semantic_server.models.registry import LoadedModel
 
@@ -63,37 +66,54 @@ class ModelVersion:
 class ModelVersions:
     def __init__(self) -> None:
         self.serving: ModelVersion | None = None
+        self.beside: dict[str, ModelVersion] = {}  # model id -> a version loaded beside
         self.retiring: list[ModelVersion] = []
 
     @property
     def loaded(self) -> LoadedModel | None:
-        """The model new requests run on."""
+        """The model new requests that name no model run on."""
         return self.serving.loaded if self.serving else None
 
-    def pinned(self) -> dict[int, tuple[str, int, str | None]]:
-        """Requests pinned per version: version -> (model id, pins, adapter name)."""
-        versions = [*([self.serving] if self.serving else []), *self.retiring]
+    def _live(self) -> list[ModelVersion]:
+        """Every version that takes new requests: the serving one first."""
+        return [*([self.serving] if self.serving else []), *self.beside.values()]
+
+    def resident(self, model_id: str) -> LoadedModel | None:
+        """The version that takes new requests naming ``model_id``, if one does."""
+        return next((v.loaded for v in self._live() if v.loaded.model_id == model_id), None)
+
+    def pinned(self) -> dict[int, tuple[str, int, str | None, VersionState]]:
+        """Requests pinned per version: version -> (model id, pins, adapter name, state)."""
         return {v.loaded.version: (v.loaded.model_id, v.pins,
-                                   v.adapter.name if v.adapter else None) for v in versions}
+                                   v.adapter.name if v.adapter else None, v.state)
+                for v in [*self._live(), *self.retiring]}
 
     def adapter_of(self, loaded: LoadedModel) -> Adapter | None:
         """The adapter requests on ``loaded`` use unless they name one."""
-        versions = [*([self.serving] if self.serving else []), *self.retiring]
-        return next((v.adapter for v in versions if v.loaded is loaded), None)
+        return next((v.adapter for v in [*self._live(), *self.retiring]
+                     if v.loaded is loaded), None)
 
     def set_adapter(self, loaded: LoadedModel, adapter: Adapter | None) -> None:
         """Requests admitted to ``loaded`` from now on use ``adapter``: one assignment on
         the event loop, so each request sees the old adapter or the new, whole."""
-        if self.serving is None or self.serving.loaded is not loaded:
-            raise RuntimeError(f"{loaded.model_id} is no longer the serving version")
-        self.serving.adapter = adapter
+        version = next((v for v in self._live() if v.loaded is loaded), None)
+        if version is None:
+            raise RuntimeError(f"{loaded.model_id} no longer takes requests")
+        version.adapter = adapter
 
     @contextmanager
-    def pin(self) -> Iterator[LoadedModel]:
-        """Hold the serving version for the body: it is not reclaimed before the body ends."""
-        version = self.serving
-        if version is None:
+    def pin(self, model_id: str | None = None) -> Iterator[LoadedModel]:
+        """Hold the version that serves ``model_id`` (None: the serving one) for the body:
+        it is not reclaimed before the body ends. A model that is available but not
+        resident is a 409."""
+        if self.serving is None:
             raise GenerationFailed("no model is loaded")
+        version = self.serving if model_id is None else next(
+            (v for v in self._live() if v.loaded.model_id == model_id), None)
+        if version is None:
+            resident = ", ".join(v.loaded.model_id for v in self._live())
+            raise ModelNotLoaded(f"model {model_id!r} is available but not loaded (loaded: "
+                                 f"{resident}); load it or swap to it first")
         version.pins += 1
         version._idle.clear()
         try:
@@ -116,6 +136,20 @@ class ModelVersions:
         if old is not None:
             log_transition(old.loaded, VersionState.RETIRING, pinned=old.pins)
         return pause
+
+    def add(self, loaded: LoadedModel) -> None:
+        """``loaded`` takes the requests that name it, beside the serving model."""
+        self.beside[loaded.model_id] = ModelVersion(loaded)
+        log_transition(loaded, VersionState.SERVING, beside=True)
+
+    def remove(self, model_id: str) -> LoadedModel:
+        """The model loaded beside as ``model_id`` takes no new request and retires: its
+        pinned requests finish on it (wait for them with :meth:`retire`)."""
+        version = self.beside.pop(model_id)
+        version.state = VersionState.RETIRING
+        self.retiring.append(version)
+        log_transition(version.loaded, VersionState.RETIRING, pinned=version.pins)
+        return version.loaded
 
     def withdraw(self) -> LoadedModel | None:
         """No version serves any more (a sequential swap's shutdown, after its drain)."""

@@ -80,10 +80,9 @@ class AdapterSwapper:
 
     async def _swap(self, model_id: str, name: str | None) -> AdapterSwapResult:
         started = time.perf_counter()
-        loaded = self.versions.loaded
-        if loaded is None or loaded.model_id != model_id:
-            raise ModelNotLoaded(f"model {model_id!r} is not the serving model (serving: "
-                                 f"{loaded.model_id if loaded else 'none'})")
+        loaded = self.versions.resident(model_id)
+        if loaded is None:
+            raise ModelNotLoaded(f"model {model_id!r} is not loaded")
         adapter = await asyncio.to_thread(self._checked, loaded, name)
         old = self.versions.adapter_of(loaded)
         result = AdapterSwapResult(AdapterSwapOutcome.SUCCESS, model_id,

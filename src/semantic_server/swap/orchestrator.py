@@ -16,6 +16,12 @@ old model keeps serving) and plans the path by memory (``SwapMode``):
   the old model (``rolled_back``, with the rollback's own steps); if the rollback fails
   too the server is ``degraded`` until a later swap succeeds.
 
+Models can also be resident *beside* the serving one (``SwapKind``): ``load`` runs the
+dual path up to the promotion, which adds the target as a model that takes the requests
+naming it; ``unload`` retires such a model (its last requests finish, its caches go to
+disk, its memory comes back). Neither holds anyone. A sequential swap replaces only the
+serving model; the models beside stay.
+
 Every step that touches MLX runs on the engine thread. The server's first load at startup
 runs the sequential bring-up steps.
 """
@@ -40,7 +46,13 @@ from semantic_server.cache.cache_file import CacheTag
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.gate import AdmissionGate, ServerState
 from semantic_server.engine.versions import ModelVersions, VersionState, log_transition
-from semantic_server.errors import ModelInvalid, ModelTooLarge, SwapInProgress
+from semantic_server.errors import (
+    ModelInvalid,
+    ModelNotLoaded,
+    ModelStateConflict,
+    ModelTooLarge,
+    SwapInProgress,
+)
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import dims_from_config
 from semantic_server.models.registry import LoadedModel, ModelRegistry
@@ -61,6 +73,14 @@ class SwapMode(StrEnum):
     AUTO = "auto"
     DUAL = "dual"
     SEQUENTIAL = "sequential"
+
+
+class SwapKind(StrEnum):
+    """What a model operation changes."""
+
+    SWAP = "swap"  # another model serves the requests that name no model
+    LOAD = "load"  # a model loads beside the resident ones
+    UNLOAD = "unload"  # a model loaded beside leaves
 
 
 class SwapStep(StrEnum):
@@ -84,6 +104,9 @@ SEQUENTIAL_STEPS = (SwapStep.DRAIN, SwapStep.EVICT, SwapStep.SHUTDOWN, SwapStep.
 DUAL_STEPS = (SwapStep.LOAD, SwapStep.WARM, SwapStep.RECONFIGURE, SwapStep.RETAG,
               SwapStep.PROMOTE, SwapStep.RETIRE, SwapStep.EVICT, SwapStep.SHUTDOWN,
               SwapStep.UNLOAD)
+LOAD_STEPS = (SwapStep.LOAD, SwapStep.WARM, SwapStep.RECONFIGURE, SwapStep.RETAG,
+              SwapStep.PROMOTE)
+UNLOAD_STEPS = (SwapStep.RETIRE, SwapStep.EVICT, SwapStep.SHUTDOWN, SwapStep.UNLOAD)
 # A failure in these steps of the sequential path stops it with nothing changed; after
 # them, it rolls back.
 ABORTABLE = (SwapStep.DRAIN, SwapStep.EVICT)
@@ -111,6 +134,7 @@ class MemoryPlan:
     resident_bytes: int  # the weights of the models resident now
     budget_bytes: int  # SEMANTIC_MEMORY_BUDGET_BYTES
     available_bytes: int  # memory the system has free now
+    kept_bytes: int = 0  # of resident_bytes, the models beside, which no swap unloads
 
     @property
     def fits_beside(self) -> bool:
@@ -120,17 +144,20 @@ class MemoryPlan:
 
     @property
     def fits_alone(self) -> bool:
-        """Whether the target can load once the resident models are unloaded."""
-        return (self.need_bytes <= self.budget_bytes
-                and self.need_bytes <= self.available_bytes + self.resident_bytes)
+        """Whether the target can load once the serving model is unloaded (the models
+        beside it stay)."""
+        return (self.need_bytes + self.kept_bytes <= self.budget_bytes
+                and self.need_bytes <= self.available_bytes + self.resident_bytes
+                - self.kept_bytes)
 
 
 @dataclass
 class SwapResult:
     status: SwapOutcome
-    old_model_id: str | None
-    new_model_id: str
+    old_model_id: str | None  # the model that left (a swap's, an unload's), if any
+    new_model_id: str | None  # the model that came (a swap's, a load's), if any
     mode: SwapMode = SwapMode.SEQUENTIAL  # the path that ran
+    kind: SwapKind = SwapKind.SWAP
     message: str = ""
     duration_ms: float = 0.0
     steps: list[StepTiming] = field(default_factory=list)
@@ -223,9 +250,11 @@ class ModelSwapOrchestrator:
         dtype = self.registry.compute_dtype
         need = (estimated_bytes(path, config, dtype.size if dtype else None)
                 + self.registry.lora_bytes(model_id))
+        beside = [self.versions.resident(m) for m in self.versions.beside]
         plan = MemoryPlan(need,
                           sum(m.weight_bytes for m in self.registry.resident),
-                          self.memory_budget_bytes, psutil.virtual_memory().available)
+                          self.memory_budget_bytes, psutil.virtual_memory().available,
+                          sum(m.weight_bytes for m in beside if m is not None))
         if not plan.fits_alone:
             raise ModelTooLarge(
                 f"model {model_id!r} needs about {plan.need_bytes / 2**30:.2f} GiB; the memory "
@@ -269,25 +298,32 @@ class ModelSwapOrchestrator:
         cancelled (an admin client that disconnects), since stopping between two steps
         would leave the server half swapped. One swap at a time: a second is refused.
         """
+        return await self._exclusive(lambda: self._swap_once(model_id, timeout_seconds, mode))
+
+    async def load(self, model_id: str, timeout_seconds: float = 60.0) -> SwapResult:
+        """Load ``model_id`` beside the resident models (the dual path up to its promotion):
+        it then takes the requests that name it. A 409 when it is resident already, a 422
+        when it does not fit beside them."""
+        return await self._exclusive(lambda: self._load_once(model_id))
+
+    async def unload(self, model_id: str, timeout_seconds: float = 60.0) -> SwapResult:
+        """Retire ``model_id``, loaded beside: its requests finish (``timeout_seconds`` at
+        most), its caches go to disk, its memory comes back. The serving model is a 409
+        (swap to another instead)."""
+        return await self._exclusive(lambda: self._unload_once(model_id, timeout_seconds))
+
+    async def _exclusive(self, run: Callable[[], Awaitable[SwapResult]]) -> SwapResult:
+        """Run one model operation in a task of its own, the only one at a time; record
+        its result (one that is refused before it starts raises instead)."""
         if self._running is not None or self._other is not None:
             raise SwapInProgress("another swap is in progress")
-        self._running = asyncio.create_task(self._swap_once(model_id, timeout_seconds, mode))
+        self._running = asyncio.create_task(self._recorded(run))
         return await asyncio.shield(self._running)
 
-    async def _swap_once(self, model_id: str, timeout: float, mode: SwapMode) -> SwapResult:
+    async def _recorded(self, run: Callable[[], Awaitable[SwapResult]]) -> SwapResult:
         try:
-            # Resolving may read files or download a hub repo: not on the event loop.
-            plan = await asyncio.to_thread(self.preflight, model_id)
-            self.swapping = self._choose(model_id, plan, mode)
-            old = self.versions.loaded
-            result = SwapResult(SwapOutcome.SUCCESS, old.model_id if old else None, model_id,
-                                self.swapping)
-            result.memory["plan"] = asdict(plan)
             started = time.perf_counter()
-            if self.swapping is SwapMode.DUAL:
-                await self._dual(result, old, model_id, timeout)
-            else:
-                await self._sequential(result, old, model_id, timeout)
+            result = await run()
             result.duration_ms = (time.perf_counter() - started) * 1e3
             self.history.append(result)
             self.observer.swap_finished(result)
@@ -295,6 +331,69 @@ class ModelSwapOrchestrator:
         finally:
             self.swapping = None
             self._running = None
+
+    async def _swap_once(self, model_id: str, timeout: float, mode: SwapMode) -> SwapResult:
+        if model_id in self.versions.beside:
+            raise ModelStateConflict(f"model {model_id!r} is loaded beside the serving model: "
+                                     f"name it per request, or unload it first")
+        # Resolving may read files or download a hub repo: not on the event loop.
+        plan = await asyncio.to_thread(self.preflight, model_id)
+        self.swapping = self._choose(model_id, plan, mode)
+        old = self.versions.loaded
+        result = SwapResult(SwapOutcome.SUCCESS, old.model_id if old else None, model_id,
+                            self.swapping)
+        result.memory["plan"] = asdict(plan)
+        if self.swapping is SwapMode.DUAL:
+            await self._dual(result, old, model_id, timeout)
+        else:
+            await self._sequential(result, old, model_id, timeout)
+        return result
+
+    async def _load_once(self, model_id: str) -> SwapResult:
+        if self.versions.serving is None:
+            raise ModelStateConflict("no model is serving: swap to one first")
+        if self.versions.resident(model_id) is not None:
+            raise ModelStateConflict(f"model {model_id!r} is loaded already")
+        plan = await asyncio.to_thread(self.preflight, model_id)
+        if not plan.fits_beside:
+            raise ModelTooLarge(
+                f"model {model_id!r} needs about {plan.need_bytes / 2**30:.2f} GiB beside "
+                f"{plan.resident_bytes / 2**30:.2f} GiB of resident weights; the memory "
+                f"budget is {plan.budget_bytes / 2**30:.2f} GiB and "
+                f"{plan.available_bytes / 2**30:.2f} GiB is free")
+        self.swapping = SwapMode.DUAL
+        result = SwapResult(SwapOutcome.SUCCESS, None, model_id, SwapMode.DUAL, SwapKind.LOAD)
+        result.memory["plan"] = asdict(plan)
+        new = await self._load_beside(result, model_id)
+        if new is None:
+            return result
+
+        async def serve() -> None:
+            self.versions.add(new)
+
+        await self._timed(result.steps, SwapStep.PROMOTE, serve)
+        result.memory["weights_new"] = new.weight_bytes
+        result.message = f"loaded {model_id} beside the resident models; nobody was held"
+        return result
+
+    async def _unload_once(self, model_id: str, timeout: float) -> SwapResult:
+        loaded = self.versions.resident(model_id)
+        if loaded is None:
+            raise ModelNotLoaded(f"model {model_id!r} is not loaded")
+        if loaded is self.versions.loaded:
+            raise ModelStateConflict(f"model {model_id!r} serves the requests that name no "
+                                     f"model: swap to another model instead")
+        self.swapping = SwapMode.DUAL
+        result = SwapResult(SwapOutcome.SUCCESS, model_id, None, SwapMode.DUAL,
+                            SwapKind.UNLOAD, message=f"unloaded {model_id}")
+        result.memory["weights_old"] = loaded.weight_bytes
+        self.versions.remove(model_id)
+        try:
+            await self._retire(result, loaded, timeout)
+        except _StepFailed as failure:
+            result.failed_step = failure.step
+            result.message += f"; {failure}: {model_id} may still hold memory"
+        return result
 
     async def _timed(self, steps: list[StepTiming], name: SwapStep,
                      step: Callable[[], Awaitable[Any]], phase: Phase = "swap") -> Any:
@@ -321,6 +420,29 @@ class ModelSwapOrchestrator:
     async def _dual(self, result: SwapResult, old: LoadedModel, model_id: str,
                     timeout: float) -> None:
         """Load beside, promote, retire the old model after its last request, reclaim it."""
+        new = await self._load_beside(result, model_id)
+        if new is None:
+            return
+        result.memory["peak_during_load"] = new.stats.after.peak_bytes
+        result.memory["weights_old"] = old.weight_bytes
+        result.memory["weights_new"] = new.weight_bytes
+
+        async def promote() -> float:
+            return self.versions.promote(new)
+
+        result.promotion_pause_ms = await self._timed(result.steps, SwapStep.PROMOTE,
+                                                      promote) * 1e3
+        result.message = f"swapped {old.model_id} -> {model_id} beside; nobody was held"
+        try:
+            await self._retire(result, old, timeout)
+        except _StepFailed as failure:  # the target serves; the old model may linger
+            result.failed_step = failure.step
+            result.message += f"; {failure}: {old.model_id} may still hold memory"
+
+    async def _load_beside(self, result: SwapResult, model_id: str) -> LoadedModel | None:
+        """Load, warm, reconfigure, retag: ``model_id`` ready beside the resident models,
+        which serve on meanwhile. A failure undoes what ran and returns None, the result
+        ``rolled_back``."""
         steps = result.steps
         new: LoadedModel | None = None
         undo: list[Callable[[], Any]] = []  # what ran so far, to take back on a failure
@@ -344,28 +466,15 @@ class ModelSwapOrchestrator:
                                     lambda: self.store.add_model(self._tag(loaded), loaded.dims))
         except _StepFailed as failure:
             result.status, result.failed_step = SwapOutcome.ROLLED_BACK, failure.step
-            result.message = f"{failure}; {old.model_id} kept serving throughout"
+            result.message = f"{failure}; the resident models kept serving throughout"
             try:
                 if undo:
                     await self.engine.on_thread(lambda: [step() for step in reversed(undo)])
             except Exception as exc:  # the old model serves on; say what is left behind
                 result.message += f"; the target could not be unloaded: {exc}"
             log.warning("swap rolled back", extra={"fields": {"reason": result.message}})
-            return
-        result.memory["peak_during_load"] = new.stats.after.peak_bytes
-        result.memory["weights_old"] = old.weight_bytes
-        result.memory["weights_new"] = new.weight_bytes
-
-        async def promote() -> float:
-            return self.versions.promote(new)
-
-        result.promotion_pause_ms = await self._timed(steps, SwapStep.PROMOTE, promote) * 1e3
-        result.message = f"swapped {old.model_id} -> {model_id} beside; nobody was held"
-        try:
-            await self._retire(result, old, timeout)
-        except _StepFailed as failure:  # the target serves; the old model may linger
-            result.failed_step = failure.step
-            result.message += f"; {failure}: {old.model_id} may still hold memory"
+            return None
+        return new
 
     async def _retire(self, result: SwapResult, old: LoadedModel, timeout: float) -> None:
         """After a promotion: wait for the old model's last request (``timeout`` at most:
@@ -463,7 +572,9 @@ class ModelSwapOrchestrator:
                                    f"{timeout:g} s")
 
         await self._timed(result.steps, SwapStep.DRAIN, drain)
-        evicted = await self._engine_step(result.steps, SwapStep.EVICT, self.store.evict_all)
+        tag = self._tag(old) if old is not None else None  # the models beside keep theirs
+        evicted = await self._engine_step(result.steps, SwapStep.EVICT,
+                                          lambda: self.store.evict_all(tag))
         result.evicted_agents = len(evicted)
         self.versions.withdraw()
         if old is None:  # degraded: nothing serves, but a rollback that failed half way
@@ -513,6 +624,7 @@ class ModelSwapOrchestrator:
 
     def _drop_partial(self) -> None:
         """Engine thread: forget the half-up model a failed bring-up left (it never served,
-        so it holds no agent's cache)."""
-        for loaded in list(self.registry.resident):
+        so it holds no agent's cache); the models beside stay."""
+        beside = {id(v.loaded) for v in self.versions.beside.values()}
+        for loaded in [m for m in self.registry.resident if id(m) not in beside]:
             self._discard(loaded)
