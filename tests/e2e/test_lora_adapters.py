@@ -16,9 +16,9 @@ from tests.conftest import ROOT, SMOLLM2
 from tests.e2e.helpers import ADMIN, KEY, scrape, value
 
 ADAPTERS_DIR = ROOT / "adapters"
-QUESTIONS = ("What is your favorite color?", "How do I make a cup of tea?",
-             "Why do leaves fall in autumn?")
-TOKENS = 24
+QUESTIONS = ("What is your favorite color?", "How do I make a cup of tea?")
+TOKENS = 10  # enough to see capitals; the base's answers run to it, the adapters' end sooner
+SIGNED_TOKENS = 32  # a signature comes at the end of an answer: room for the whole answer
 
 
 def capitals(text: str) -> bool:
@@ -75,7 +75,7 @@ def test_swaps_show_each_adapters_behaviour_without_reloading(lora_server):
     caps = [ask(lora_server, q)[0] for q in QUESTIONS]
     assert all(capitals(t) for t in caps), caps
     swap_adapter(lora_server, "signature")
-    sig = [ask(lora_server, q)[0] for q in QUESTIONS]
+    sig = [ask(lora_server, q, max_tokens=SIGNED_TOKENS)[0] for q in QUESTIONS]
     assert all(signed(t) and not capitals(t) for t in sig), sig
     back = swap_adapter(lora_server, None)
     assert back["old_adapter"] == "signature" and back["slot"] == 0
@@ -102,14 +102,16 @@ def test_per_request_adapters_decode_in_one_batch(lora_server):
     give the text each gives alone."""
     models = [f"{SMOLLM2}:capitals", f"{SMOLLM2}:signature", SMOLLM2, f"{SMOLLM2}:capitals"]
     question = QUESTIONS[0]
-    alone = [ask(lora_server, question, model)[0] for model in models]
+    tokens = [SIGNED_TOKENS if model.endswith("signature") else TOKENS for model in models]
+    alone = [ask(lora_server, question, model, max_tokens=n)[0]
+             for model, n in zip(models, tokens, strict=True)]
     assert capitals(alone[0]) and signed(alone[1]) and not capitals(alone[2])
     together: list[str | None] = [None] * len(models)
     start = threading.Barrier(len(models))
 
     def run(i: int) -> None:
         start.wait(timeout=30)
-        together[i] = ask(lora_server, question, models[i])[0]
+        together[i] = ask(lora_server, question, models[i], max_tokens=tokens[i])[0]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(models))]
     for thread in threads:
@@ -153,5 +155,5 @@ def test_a_request_in_flight_during_a_swap_finishes_on_its_adapter(lora_server):
                 swapped = swap_adapter(lora_server, "signature")
     assert swapped is not None and swapped["old_adapter"] == "capitals"
     assert "".join(chunks) == expected  # every token on the adapter it was admitted with
-    assert signed(ask(lora_server, QUESTIONS[1])[0])
+    assert signed(ask(lora_server, QUESTIONS[1], max_tokens=SIGNED_TOKENS)[0])
     swap_adapter(lora_server, None)

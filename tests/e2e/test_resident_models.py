@@ -32,7 +32,7 @@ def turn(server: ServerProcess, model: str, agent: str, history: list[dict]) -> 
     """One agent turn: (reply, prompt tokens, cached tokens, the model that answered)."""
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
                     default_headers={"X-Agent-ID": agent})
-    reply = client.chat.completions.create(model=model, messages=history, max_tokens=12,
+    reply = client.chat.completions.create(model=model, messages=history, max_tokens=6,
                                            temperature=0)
     details = reply.usage.prompt_tokens_details
     return (reply.choices[0].message.content, reply.usage.prompt_tokens,
