@@ -57,6 +57,7 @@ class ServerSnapshot:
     fingerprint: str | None
     versions: tuple[VersionInfo, ...]
     swapping: str | None  # the path of the swap in progress (dual | sequential), if any
+    loading: str | None  # the model that swap (or a load beside) brings, while it runs
     memory_budget_bytes: int
     in_flight: int
     held: int
@@ -70,6 +71,16 @@ class ServerSnapshot:
     disk_budget_bytes: int | None
     memory: MemorySnapshot
     blas: str
+
+    def model_state(self, model_id: str) -> str:
+        """Where a model is: serving (resident: the default or beside it), loading,
+        retiring, or available."""
+        states = {v.state for v in self.versions if v.model_id == model_id}
+        if "serving" in states:
+            return "serving"
+        if model_id == self.loading:
+            return "loading"
+        return "retiring" if "retiring" in states else "available"
 
     def current(self) -> dict[str, Any]:
         """The JSON of ``/admin/models/current``."""
@@ -123,6 +134,7 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
                        for version, (model_id, pins, adapter, state)
                        in versions.pinned().items()),
         swapping=orchestrator.swapping.value if orchestrator.swapping else None,
+        loading=orchestrator.target,
         memory_budget_bytes=orchestrator.memory_budget_bytes,
         in_flight=gate.in_flight,
         held=gate.held,

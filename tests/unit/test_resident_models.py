@@ -33,6 +33,8 @@ async def test_a_model_beside_takes_the_requests_that_name_it(server, fake_model
     loading = asyncio.create_task(server.orchestrator.load("fake-b"))
     await wait_until(lambda: fake_models["fake-b"].loads == 1)
     during = await run_turn(server.service, "planner", "Plan the trip")  # nobody is held
+    assert [server.snapshot().model_state(m) for m in ("fake-a", "fake-b")] == [
+        "serving", "loading"]
     assert during.admitted.model_id == "fake-a" and server.gate.held == 0
     with pytest.raises(ModelNotLoaded):  # not resident until its load ends
         await run_turn(server.service, "scout", "Look around", model="fake-b")
@@ -41,7 +43,8 @@ async def test_a_model_beside_takes_the_requests_that_name_it(server, fake_model
     assert result.status is SwapOutcome.SUCCESS and result.kind is SwapKind.LOAD
     assert [t.name for t in result.steps] == list(LOAD_STEPS)
     assert _resident(server) == [("fake-a", "serving", True), ("fake-b", "serving", False)]
-    assert fake_models["fake-a"].unloads == 0
+    assert fake_models["fake-a"].unloads == 0 and server.snapshot().model_state("fake-b") == (
+        "serving")
 
     # Requests for both interleave with no swap; each agent keeps its cache per model.
     first_scout = await run_turn(server.service, "scout", "Look around", model="fake-b")
@@ -66,6 +69,7 @@ async def test_unloading_a_model_beside_lets_its_requests_finish(server, fake_mo
     await wait_until(lambda: server.snapshot().active_sequences == 1)
     unloading = asyncio.create_task(server.orchestrator.unload("fake-b"))
     await wait_until(lambda: ("fake-b", "retiring", False) in _resident(server))
+    assert server.snapshot().model_state("fake-b") == "retiring"
     with pytest.raises(ModelNotLoaded):  # it takes no new request
         await run_turn(server.service, "other", "hi", model="fake-b")
     fake_models["fake-b"].step_gate.set()
@@ -76,6 +80,7 @@ async def test_unloading_a_model_beside_lets_its_requests_finish(server, fake_mo
     assert result.evicted_agents == 1 and fake_models["fake-b"].unloads == 1
     assert _resident(server) == [("fake-a", "serving", True)]
     assert [m.model_id for m in server.registry.resident] == ["fake-a"]
+    assert server.snapshot().model_state("fake-b") == "available"
     # Its agent's cache came back from disk when the model returned.
     await server.orchestrator.load("fake-b")
     back = await run_turn(server.service, "scout", "Look again", model="fake-b")

@@ -258,10 +258,14 @@ def model_ids(server: Any) -> list[str]:
 
 
 async def list_models(request: Request) -> JSONResponse:
+    """Every model a request may name, with where it is (``state``: serving, loading,
+    retiring or available; a ``base:adapter`` is where its base is)."""
     server = request.app.state.server
+    ids = await asyncio.to_thread(model_ids, server)
+    snapshot = server.snapshot()
     return JSONResponse({"object": "list", "data": [
-        {"id": model_id, "object": "model", "created": 0, "owned_by": "semantic-server"}
-        for model_id in await asyncio.to_thread(model_ids, server)]})
+        {"id": model_id, "object": "model", "created": 0, "owned_by": "semantic-server",
+         "state": snapshot.model_state(model_id.partition(":")[0])} for model_id in ids]})
 
 
 routes = [

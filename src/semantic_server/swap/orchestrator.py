@@ -220,6 +220,7 @@ class ModelSwapOrchestrator:
         # model swaps and adapter swaps (AdapterSwapper adds its own), oldest first
         self.history: deque[SwapResult | AdapterSwapResult] = deque(maxlen=history)
         self.swapping: SwapMode | None = None  # the path of the swap in progress, if any
+        self.target: str | None = None  # the model a swap or load in progress brings
         self._running: asyncio.Task | None = None
         self._other: str | None = None  # another kind of swap holding the models (adapters)
 
@@ -329,7 +330,7 @@ class ModelSwapOrchestrator:
             self.observer.swap_finished(result)
             return result
         finally:
-            self.swapping = None
+            self.swapping = self.target = None
             self._running = None
 
     async def _swap_once(self, model_id: str, timeout: float, mode: SwapMode) -> SwapResult:
@@ -338,7 +339,7 @@ class ModelSwapOrchestrator:
                                      f"name it per request, or unload it first")
         # Resolving may read files or download a hub repo: not on the event loop.
         plan = await asyncio.to_thread(self.preflight, model_id)
-        self.swapping = self._choose(model_id, plan, mode)
+        self.swapping, self.target = self._choose(model_id, plan, mode), model_id
         old = self.versions.loaded
         result = SwapResult(SwapOutcome.SUCCESS, old.model_id if old else None, model_id,
                             self.swapping)
@@ -361,7 +362,7 @@ class ModelSwapOrchestrator:
                 f"{plan.resident_bytes / 2**30:.2f} GiB of resident weights; the memory "
                 f"budget is {plan.budget_bytes / 2**30:.2f} GiB and "
                 f"{plan.available_bytes / 2**30:.2f} GiB is free")
-        self.swapping = SwapMode.DUAL
+        self.swapping, self.target = SwapMode.DUAL, model_id
         result = SwapResult(SwapOutcome.SUCCESS, None, model_id, SwapMode.DUAL, SwapKind.LOAD)
         result.memory["plan"] = asdict(plan)
         new = await self._load_beside(result, model_id)
