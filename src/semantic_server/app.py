@@ -114,7 +114,7 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
                                          settings.lora_slots, settings.lora_max_rank)
     pool = BlockPool(kv_budget(settings), settings.block_tokens)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
-                             disk_budget(settings))
+                             disk_budget(settings), settings.cache_disk_format)
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries,

@@ -23,6 +23,15 @@ class CacheReuse(StrEnum):
     DIMS = "dims"  # any written by a model of the same cache geometry
 
 
+class DiskFormat(StrEnum):
+    """How cache files store their KV arrays (see cache/disk_format.py)."""
+
+    NATIVE = "native"  # as computed, lossless
+    FLOAT16 = "float16"
+    Q8 = "q8"  # MLX affine quantization, 8 bits
+    Q4 = "q4"  # the same, 4 bits
+
+
 class Settings(BaseSettings):
     """Server settings; each field is also the environment variable ``SEMANTIC_<NAME>``."""
 
@@ -104,6 +113,10 @@ class Settings(BaseSettings):
         None, description="X-Admin-Key for /admin; unset turns the admin API off (403).")
     swap_hold_seconds: float = Field(
         120.0, gt=0, description="How long a request waits for a swap before a 503.")
+    cache_disk_format: DiskFormat = Field(
+        DiskFormat.NATIVE, description="How cache files store KV: native (as computed, "
+        "lossless), float16, q8 or q4 (MLX affine quantization, groups of 32). Files of "
+        "every format are read whatever this is.")
     memory_budget_bytes: int | None = Field(
         None, gt=0, description="Memory for model weights. A swap whose target fits beside "
         "the serving model within it loads the target beside it and nobody waits (the dual "

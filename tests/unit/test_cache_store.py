@@ -24,7 +24,7 @@ from semantic_server.cache.cache_file import (
     read_tag_file,
     write_cache,
 )
-from semantic_server.config import CacheReuse
+from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
 
@@ -354,3 +354,41 @@ def test_dims_reuse_never_crosses_adapters(tmp_path):
     store.evict_all()
     assert store.checkout(reimported, "a") is None  # same dims, but made under an adapter
     assert store.checkout(reimported.with_adapter("caps@1111"), "a") is not None
+
+
+@pytest.mark.parametrize(("fmt", "size_ratio", "tolerance"), [
+    (DiskFormat.NATIVE, 1.0, 0.0), (DiskFormat.FLOAT16, 0.5, 1e-3),
+    (DiskFormat.Q8, 0.31, 2e-2), (DiskFormat.Q4, 0.19, 2e-1)])
+def test_every_disk_format_round_trips_within_its_precision(tmp_path, fmt, size_ratio,
+                                                            tolerance):
+    """KV of random values (head dim 32: one quantization group per row), written in each
+    format and read back by the same reader: native exactly, the others within their
+    precision, in the compute dtype, the file smaller in proportion."""
+    mx.random.seed(0)
+    keys = mx.random.normal((1, 2, 2000, 32))
+    layer = KVCache()
+    layer.update_and_fetch(keys, keys * 0.5)
+    tag = CacheTag("tiny", "f00d", 1, 2, 32, 4, "float32", (None,))
+    native = write_cache(tmp_path / "n" / "a.safetensors", tag,
+                         AgentCache("a", [layer], list(range(2000))))
+    path = tmp_path / fmt.value / "a.safetensors"
+    size = write_cache(path, tag, AgentCache("a", [layer], list(range(2000))), fmt)
+    assert size == pytest.approx(native * size_ratio, rel=0.05)
+    read = read_cache(path).layers[0]
+    assert read.keys.dtype == mx.float32 and read.offset == 2000
+    error = float(mx.abs(read.keys - keys).max()) / float(mx.abs(keys).max())
+    assert error <= tolerance
+    assert (error == 0) == (fmt is DiskFormat.NATIVE)
+
+
+def test_a_store_writes_its_format_and_reads_any(tmp_path):
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4)
+    writer = AgentCacheStore(pool, tmp_path, disk_format=DiskFormat.Q4)
+    writer.add_model(TAG, DIMS)
+    writer.checkin(AgentCache("a", _layers(12), list(range(12)), TAG))
+    writer.evict_all()
+    reader = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path)
+    reader.add_model(TAG, DIMS)
+    back = reader.checkout(TAG, "a")  # a native store reads it (head dim 8: float16)
+    assert back is not None and back.tokens == list(range(12))
+    assert float(mx.abs(back.layers[0].keys - _layers(12)[0].keys[..., :12, :]).max()) < 0.5

@@ -43,7 +43,7 @@ from semantic_server.cache.cache_file import (
     read_tag_file,
     write_cache,
 )
-from semantic_server.config import CacheReuse
+from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import ModelDims
 
@@ -95,11 +95,15 @@ def _mtime(path: Path) -> float:
 
 class AgentCacheStore:
     def __init__(self, pool: BlockPool, cache_dir: Path, reuse: CacheReuse = CacheReuse.EXACT,
-                 disk_budget_bytes: int | None = None) -> None:
+                 disk_budget_bytes: int | None = None,
+                 disk_format: DiskFormat = DiskFormat.NATIVE) -> None:
+        """``disk_format``: how the files this store writes hold their KV (it reads every
+        format)."""
         self.pool = pool
         self.cache_dir = Path(cache_dir)
         self.reuse = CacheReuse(reuse)
         self.disk_budget_bytes = disk_budget_bytes
+        self.disk_format = DiskFormat(disk_format)
         self.lookups: Counter[Lookup] = Counter()
         self.write_failures = 0
         self.read_failures = 0  # transient: the file could not be read then, and stayed
@@ -297,7 +301,7 @@ class AgentCacheStore:
         tag = self._tag(entry)
         path = self._path(tag, entry.agent_id)
         try:
-            size = write_cache(path, tag, entry)
+            size = write_cache(path, tag, entry, self.disk_format)
         except Exception:
             self.write_failures += 1
             raise
@@ -309,7 +313,8 @@ class AgentCacheStore:
         if self.disk_budget_bytes is None:
             return
         mine = {self._path(self._tag(entry), entry.agent_id) for entry in entries}
-        need = sum(estimated_file_bytes(self._tag(entry), entry) for entry in entries)
+        need = sum(estimated_file_bytes(self._tag(entry), entry, self.disk_format)
+                   for entry in entries)
         others = sorted((p for p in self._cold if p not in mine), key=lambda p: self._cold[p][1])
         kept = sum(self._cold[p][0] for p in others)
         if need > self.disk_budget_bytes:

@@ -4,7 +4,8 @@ Layout (DESIGN.md section 4): ``<cache_dir>/<tag-hash>/tag.json`` describes the 
 ``<cache_dir>/<tag-hash>/<agent-hash>.safetensors`` holds the token ids and each layer's
 cache state (mlx-lm's ``state``, trimmed to the tokens in use; a rotating cache's state
 carries its window position too), with the tag, agent id, token count, each layer's cache
-class and the layout of its state in the metadata. A write goes to a
+class, the layout of its state and the format its KV is stored in (``disk_format.py``:
+native, float16, q8 or q4) in the metadata. A write goes to a
 temporary file in the same folder, is fsynced, then renamed over the old one: a crash
 leaves the old file or the new one, never half of one. File names are hashes, so no agent
 id can reach outside the folder.
@@ -27,6 +28,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
+from semantic_server.cache.disk_format import SUFFIXES, decode, encode
+from semantic_server.config import DiskFormat
 from semantic_server.models.tag import ModelTag
 
 FORMAT_VERSION = 2  # 2: a CRC-32 of every array in the metadata
@@ -158,15 +161,17 @@ def _trimmed_state(layer: Any) -> tuple:
     return (keys[..., : layer.offset, :], values[..., : layer.offset, :], *rest)
 
 
-def _contents(tag: CacheTag, entry: AgentCache) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """The arrays and the metadata of ``entry``'s file."""
+def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
+              ) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The arrays and the metadata of ``entry``'s file, its KV stored in ``fmt``."""
     arrays: dict[str, mx.array] = {"tokens": mx.array(entry.tokens, dtype=mx.int32)}
     layouts = []  # per layer: its state with each array replaced by "@array"
     for i, layer in enumerate(entry.layers):
         layout = []
         for j, item in enumerate(_trimmed_state(layer)):
             if isinstance(item, mx.array):
-                arrays[f"layers.{i}.{j}"] = item
+                for suffix, part in encode(item, fmt).items():
+                    arrays[f"layers.{i}.{j}{suffix}"] = part
                 layout.append("@array")
             else:
                 layout.append(item)
@@ -175,6 +180,7 @@ def _contents(tag: CacheTag, entry: AgentCache) -> tuple[dict[str, mx.array], di
         "tag": tag.to_json(),
         "agent_id": entry.agent_id,
         "token_count": str(len(entry.tokens)),
+        "disk_format": fmt.value,
         "written_at": f"{time.time():.3f}",
         "classes": json.dumps([type(layer).__name__ for layer in entry.layers]),
         "layouts": json.dumps(layouts),
@@ -191,18 +197,20 @@ def _checksum(array: mx.array) -> int:
     return zlib.crc32(memoryview(np.asarray(array)))
 
 
-def estimated_file_bytes(tag: CacheTag, entry: AgentCache) -> int:
+def estimated_file_bytes(tag: CacheTag, entry: AgentCache,
+                         fmt: DiskFormat = DiskFormat.NATIVE) -> int:
     """What ``write_cache`` will write for ``entry``, to within a few hundred bytes, known
     before writing (no array is evaluated), so a disk budget can make room first."""
-    arrays, metadata = _contents(tag, entry)
+    arrays, metadata = _contents(tag, entry, fmt)
     header = len(json.dumps(metadata)) + HEADER_BYTES_PER_ARRAY * len(arrays)
     return sum(array.nbytes for array in arrays.values()) + header
 
 
-def write_cache(path: Path, tag: CacheTag, entry: AgentCache) -> int:
-    """Write one agent's cache to ``path`` atomically, with a checksum of every array;
-    returns the file's size."""
-    arrays, metadata = _contents(tag, entry)
+def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
+                fmt: DiskFormat = DiskFormat.NATIVE) -> int:
+    """Write one agent's cache to ``path`` atomically, its KV in ``fmt``, with a checksum
+    of every array; returns the file's size."""
+    arrays, metadata = _contents(tag, entry, fmt)
     arrays = {name: mx.contiguous(array) for name, array in arrays.items()}
     mx.eval(arrays)
     metadata["checksums"] = json.dumps({name: _checksum(a) for name, a in arrays.items()})
@@ -271,7 +279,11 @@ def read_cache(path: Path) -> AgentCache:
         tokens = arrays["tokens"].tolist()
         agent_id = metadata["agent_id"]
         count = int(metadata["token_count"])
-        states = [tuple(arrays[f"layers.{i}.{j}"] if item == "@array" else item
+        fmt = DiskFormat(metadata.get("disk_format", DiskFormat.NATIVE.value))
+        dtype = getattr(mx, tag.kv_dtype)
+        states = [tuple(decode({s: arrays[f"layers.{i}.{j}{s}"] for s in SUFFIXES
+                                if f"layers.{i}.{j}{s}" in arrays}, fmt, dtype)
+                        if item == "@array" else item
                         for j, item in enumerate(layout)) for i, layout in enumerate(layouts)]
     except CacheFileError:
         raise
