@@ -51,6 +51,7 @@ from semantic_server.observability import Metrics, configure_logging
 from semantic_server.snapshot import ServerSnapshot, take_snapshot
 from semantic_server.swap.adapter_swap import AdapterSwapper
 from semantic_server.swap.orchestrator import ModelSwapOrchestrator
+from semantic_server.swap.residency import ResidencyManager, ResidencyPolicy
 
 log = logging.getLogger("semantic_server")
 
@@ -71,6 +72,7 @@ class ServerContext:
     service: GenerationService
     orchestrator: ModelSwapOrchestrator
     adapter_swapper: AdapterSwapper
+    residency: ResidencyManager
     metrics: Metrics
 
     def snapshot(self) -> ServerSnapshot:
@@ -123,12 +125,16 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     gate = AdmissionGate(settings.swap_hold_seconds)
     versions = ModelVersions()
     metrics = Metrics(lambda: take_snapshot(engine, gate, versions, pool, store, orchestrator))
-    service = GenerationService(engine, gate, versions, catalog, metrics,
-                                settings.max_context_tokens, settings.max_queued, adapters)
     orchestrator = ModelSwapOrchestrator(
         catalog=catalog, registry=registry, engine=engine, store=store, gate=gate,
         versions=versions, observer=metrics, block_tokens=settings.block_tokens,
         memory_budget_bytes=memory_budget(settings, pool.budget_bytes))
+    residency = ResidencyManager(orchestrator, versions, ResidencyPolicy(
+        settings.min_residency_seconds, settings.max_model_queue, settings.swap_hold_seconds,
+        frozenset(settings.pinned_models), settings.keep_alive_seconds))
+    service = GenerationService(engine, gate, versions, catalog, metrics,
+                                settings.max_context_tokens, settings.max_queued, adapters,
+                                residency if settings.load_on_demand else None)
     engine.start()
     log.info("BLAS: %s", blas_status().detail)
     try:
@@ -136,6 +142,7 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     except BaseException:
         engine.shutdown()
         raise
+    residency.start()
     log.info("serving %s (load %.2f s; KV budget %d MiB in blocks of %d tokens; memory "
              "budget %d MiB; disk budget %d MiB)", loaded.model_id, loaded.stats.seconds,
              pool.budget_bytes // 2**20, pool.block_tokens,
@@ -143,11 +150,12 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     return ServerContext(settings, catalog, adapters, registry,
                          engine, pool, store, gate, versions, service, orchestrator,
                          AdapterSwapper(adapters, engine, versions, orchestrator, metrics),
-                         metrics)
+                         residency, metrics)
 
 
 async def stop_server(server: ServerContext) -> None:
     """Write every hot cache to disk, then stop the engine (SIGTERM ends up here)."""
+    await server.residency.stop()
     try:
         written = await server.engine.on_thread(server.store.evict_all)
         log.info("wrote %d hot agent caches to disk before exit", len(written))

@@ -113,6 +113,21 @@ class Settings(BaseSettings):
         None, description="X-Admin-Key for /admin; unset turns the admin API off (403).")
     swap_hold_seconds: float = Field(
         120.0, gt=0, description="How long a request waits for a swap before a 503.")
+    load_on_demand: bool = Field(
+        False, description="A request naming an available model that is not resident "
+        "loads it (beside the others when it fits, else in place of the least recently "
+        "used one that may leave); off: such a request is a 409.")
+    min_residency_seconds: float = Field(
+        10.0, ge=0, description="How long a model stays before load on demand may make it "
+        "leave for another.")
+    keep_alive_seconds: float | None = Field(
+        None, gt=0, description="Unload a model loaded beside the serving one after this "
+        "long without a request; unset: never.")
+    pinned_models: list[str] = Field(
+        default_factory=list, description="JSON list of model ids load on demand and "
+        "keep-alive never make leave.")
+    max_model_queue: int = Field(
+        32, gt=0, description="Requests that may wait for one model to load; more get 429.")
     cache_disk_format: DiskFormat = Field(
         DiskFormat.NATIVE, description="How cache files store KV: native (as computed, "
         "lossless), float16, q8 or q4 (MLX affine quantization, groups of 32). Files of "

@@ -100,6 +100,10 @@ class GenerationFailed(SemanticServerError):
     """The engine could not run the request (an internal fault, reported without details)."""
 
 
+class ModelLoadFailed(SemanticServerError):
+    """A model a request named could not be loaded on demand (the others serve on)."""
+
+
 class ModelStateConflict(SemanticServerError):
     """A model operation that contradicts what is resident (loading a model already
     loaded, unloading the serving model)."""

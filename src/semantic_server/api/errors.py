@@ -33,6 +33,7 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.ModelNotLoaded: (409, "invalid_request_error", "model_not_loaded"),
     e.SwapInProgress: (409, "invalid_request_error", "swap_in_progress"),
     e.ModelStateConflict: (409, "invalid_request_error", "model_state_conflict"),
+    e.ModelLoadFailed: (503, "server_error", "model_load_failed"),
     e.PayloadTooLarge: (413, "invalid_request_error", "payload_too_large"),
     e.UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type"),
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jinja2.exceptions import TemplateError
 
@@ -52,6 +52,14 @@ from semantic_server.observability import hash_agent
 
 if TYPE_CHECKING:
     from semantic_server.observability import Observer
+
+
+class Residency(Protocol):
+    """What the service needs of load on demand (swap/residency.py, above the engine)."""
+
+    async def ensure(self, model_id: str) -> None: ...
+
+    def touch(self, model_id: str) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +278,15 @@ def token_logprob(tokenizer: Any, event: TokenOut) -> TokenLogprob:
 class GenerationService:
     def __init__(self, engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
                  catalog: ModelCatalog, observer: Observer, max_context_tokens: int,
-                 max_queued: int = 64, adapters: AdapterCatalog | None = None) -> None:
+                 max_queued: int = 64, adapters: AdapterCatalog | None = None,
+                 residency: Residency | None = None) -> None:
+        """``residency``, when given, loads the models requests name (load on demand)."""
         self.engine = engine
         self.gate = gate
         self.versions = versions
         self.catalog = catalog
         self.adapters = adapters
+        self.residency = residency
         self.observer = observer
         self.max_context_tokens = max_context_tokens
         self.max_queued = max_queued
@@ -363,6 +374,8 @@ class GenerationService:
         model_id, adapter = await self._named_adapter(model_id)
         self._check_exists(model_id)
         self._check_capacity()
+        if self.residency is not None and model_id is not None:
+            await self.residency.ensure(model_id)
         run = self._run(agent_id, prompt, params, model_id, adapter, request_id, tenant)
         if agent_id is None:
             async with self.gate.admit(), aclosing(run):
@@ -392,6 +405,8 @@ class GenerationService:
         """The request, pinned to the model version serving as it starts, and to the adapter
         it named or, if none, the one that model version uses as it starts."""
         with self.versions.pin(model_id) as loaded:
+            if self.residency is not None:
+                self.residency.touch(loaded.model_id)
             adapter = self._adapter_for(loaded, named)
             run = self._run_on(loaded, adapter, agent_id, request, params, request_id, tenant)
             async with aclosing(run):

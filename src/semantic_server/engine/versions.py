@@ -78,6 +78,10 @@ class ModelVersions:
         """Every version that takes new requests: the serving one first."""
         return [*([self.serving] if self.serving else []), *self.beside.values()]
 
+    def live_models(self) -> list[str]:
+        """The models that take new requests: the serving one first."""
+        return [v.loaded.model_id for v in self._live()]
+
     def resident(self, model_id: str) -> LoadedModel | None:
         """The version that takes new requests naming ``model_id``, if one does."""
         return next((v.loaded for v in self._live() if v.loaded.model_id == model_id), None)

@@ -224,6 +224,12 @@ class ModelSwapOrchestrator:
         self._running: asyncio.Task | None = None
         self._other: str | None = None  # another kind of swap holding the models (adapters)
 
+    async def idle(self) -> None:
+        """Return once no model operation runs (it may be refused again: another may
+        start at once)."""
+        while self._running is not None:
+            await asyncio.wait([self._running])
+
     @contextmanager
     def exclusive(self, kind: str) -> Iterator[None]:
         """Hold off model swaps while another kind of swap (``kind``: an adapter swap)
