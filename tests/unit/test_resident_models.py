@@ -18,7 +18,7 @@ from semantic_server.swap.orchestrator import (
     SwapMode,
     SwapOutcome,
 )
-from tests.fakes import WEIGHT_BYTES, run_turn
+from tests.fakes import FAST_ADMIN_KEY, WEIGHT_BYTES, run_turn
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -118,3 +118,30 @@ async def test_a_swap_replaces_the_serving_model_and_keeps_the_one_beside(server
         assert server.snapshot().model_id == target
         assert (await run_turn(server.service, "scout", "hi", model="fake-b")).text == "B here."
     assert fake_models["fake-b"].unloads == 0 and fake_models["fake-b"].loads == 1
+
+
+def test_the_admin_api_loads_and_unloads_models_beside(make_client):
+    client = make_client()
+    headers = {"X-Admin-Key": FAST_ADMIN_KEY}
+
+    def post(action: str, body: dict):
+        return client.post(f"/admin/models/{action}", json=body, headers=headers)
+
+    loaded = post("load", {"model_id": "fake-b"})
+    assert loaded.status_code == 200 and loaded.json()["kind"] == "load"
+    assert client.get("/health").json()["resident"] == ["fake-a", "fake-b"]
+    chat = client.post("/v1/chat/completions", json={
+        "model": "fake-b", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200 and chat.json()["model"] == "fake-b"
+    for action, body, status, code in (
+            ("load", {"model_id": "fake-b"}, 409, "model_state_conflict"),
+            ("unload", {"model_id": "fake-a"}, 409, "model_state_conflict"),
+            ("load", {"model_id": "nope"}, 404, "model_not_found"),
+            ("load", {"model": "fake-b"}, 400, "invalid_request")):
+        response = post(action, body)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    unloaded = post("unload", {"model_id": "fake-b"})
+    assert unloaded.status_code == 200 and unloaded.json()["old_model_id"] == "fake-b"
+    assert client.get("/health").json()["resident"] == ["fake-a"]
+    gone = post("unload", {"model_id": "fake-b"})
+    assert (gone.status_code, gone.json()["error"]["code"]) == (409, "model_not_loaded")
