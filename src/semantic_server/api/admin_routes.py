@@ -70,21 +70,16 @@ class ResidencyRequest(BaseModel):
     timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
 
-async def load(request: Request) -> JSONResponse:
-    """Load a model beside the resident ones; it takes the requests that name it."""
+async def residency(request: Request) -> JSONResponse:
+    """``/admin/models/load``: load a model beside the resident ones (it takes the requests
+    that name it); ``/admin/models/unload``: unload one loaded beside (its requests finish
+    first, its caches go to disk)."""
     server = require_admin(request)
     body = ResidencyRequest.model_validate(
         await read_json(request, server.settings.max_body_bytes))
-    result = await server.orchestrator.load(body.model_id, body.timeout_seconds)
-    return JSONResponse(result.as_dict(), status_code=swap_status(result))
-
-
-async def unload(request: Request) -> JSONResponse:
-    """Unload a model loaded beside (its requests finish first, its caches go to disk)."""
-    server = require_admin(request)
-    body = ResidencyRequest.model_validate(
-        await read_json(request, server.settings.max_body_bytes))
-    result = await server.orchestrator.unload(body.model_id, body.timeout_seconds)
+    operation = (server.orchestrator.load if request.url.path.endswith("/load")
+                 else server.orchestrator.unload)
+    result = await operation(body.model_id, body.timeout_seconds)
     return JSONResponse(result.as_dict(), status_code=swap_status(result))
 
 
@@ -146,8 +141,8 @@ async def adapter(request: Request) -> JSONResponse:
 
 routes = [
     Route("/admin/models/swap", swap, methods=["POST"]),
-    Route("/admin/models/load", load, methods=["POST"]),
-    Route("/admin/models/unload", unload, methods=["POST"]),
+    Route("/admin/models/load", residency, methods=["POST"]),
+    Route("/admin/models/unload", residency, methods=["POST"]),
     Route("/admin/models/current", current, methods=["GET"]),
     Route("/admin/models/available", available, methods=["GET"]),
     Route("/admin/swaps", swaps, methods=["GET"]),
