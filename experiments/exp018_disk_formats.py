@@ -6,15 +6,17 @@ format of ``SEMANTIC_CACHE_DISK_FORMAT`` (native, float16, q8, q4):
 * **bytes per token** of the agent's cache file;
 * **restore time**: reading the file back (``read_cache``, checksums included), the
   median of R reads;
-* **fidelity**: the agent's next turn restored from that file, 32 greedy tokens, against
-  the same turn with the cache never written (it stayed hot: the unswapped run). Reported
-  as the share of the 32 positions that agree and the length of the common prefix.
+* **fidelity**: the agent's next turn restored from that file, 32 greedy tokens (run to
+  32 past any end-of-sequence token), against the same turn with the cache never written
+  (it stayed hot: the unswapped run). Reported as the share of the 32 positions that
+  agree and the length of the common prefix.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import matplotlib.pyplot as plt
 from experiments.harness import Harness, arguments, history, write_results
 from semantic_server.cache.cache_file import agent_file_name, read_cache
 from semantic_server.config import DiskFormat
+from semantic_server.engine.batch_engine import batch_generator
 
 TOKENS_OUT = 32
 
@@ -103,7 +106,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     tokens, repeats = (300, 2) if args.quick else (2000, 5)
-    harness = Harness(max_context_tokens=8192)
+    harness = Harness(make_generator=partial(batch_generator, stop_at_eos=False),
+                      max_context_tokens=8192)
     try:
         data = measure(harness, tokens, repeats)
     finally:
