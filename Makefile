@@ -53,6 +53,7 @@ experiments: setup
 	$(PY) -m experiments.exp014_agents_round_trip --agents 64
 	$(PY) -m experiments.exp015_swap_under_load
 	$(PY) -m experiments.exp016_adapter_swap
+	$(PY) -m experiments.exp018_disk_formats
 
 clean-models:
 	rm -rf models .cache/models
