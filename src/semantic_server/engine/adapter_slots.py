@@ -91,7 +91,3 @@ class AdapterSlots:
     def resident(self) -> dict[str, int]:
         """Adapter key -> slot, least recently used first."""
         return dict(self._held)
-
-    def in_use(self, slot: int) -> int:
-        """How many running jobs use ``slot``."""
-        return self._users[slot]
