@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Generator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,17 +327,18 @@ class TurnResult:
 async def run_turn(service: GenerationService, agent: str | None, content: str,
                    max_tokens: int = 64, model: str | None = None,
                    history: list[dict[str, str]] | None = None,
-                   stop: tuple[str, ...] = ()) -> TurnResult:
+                   stop: tuple[str, ...] = (), keep_alive: float | None = None,
+                   ) -> TurnResult:
     """One whole turn through the real service: the user's ``content`` after ``history``."""
     messages = [*(history or []), {"role": "user", "content": content}]
-    params = GenerationParams(max_tokens=max_tokens, stop=stop)
-    items = service.generate(agent, messages, params, model)
-    first = await anext(items)
-    assert isinstance(first, Admitted), first
-    text = []
-    async for item in items:
-        if isinstance(item, Outcome):
-            return TurnResult(first, "".join(text), item)
-        text.append(item)
+    params = GenerationParams(max_tokens=max_tokens, stop=stop, keep_alive=keep_alive)
+    async with aclosing(service.generate(agent, messages, params, model)) as items:
+        first = await anext(items)
+        assert isinstance(first, Admitted), first
+        text = []
+        async for item in items:
+            if isinstance(item, Outcome):
+                return TurnResult(first, "".join(text), item)
+            text.append(item)
     raise AssertionError("the generation ended without an outcome")
 

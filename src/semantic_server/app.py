@@ -77,7 +77,7 @@ class ServerContext:
 
     def snapshot(self) -> ServerSnapshot:
         return take_snapshot(self.engine, self.gate, self.versions, self.pool, self.store,
-                             self.orchestrator)
+                             self.orchestrator, frozenset(self.residency.pins))
 
 
 def kv_budget(settings: Settings) -> int:
@@ -134,7 +134,7 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
         frozenset(settings.pinned_models), settings.keep_alive_seconds))
     service = GenerationService(engine, gate, versions, catalog, metrics,
                                 settings.max_context_tokens, settings.max_queued, adapters,
-                                residency if settings.load_on_demand else None)
+                                residency, settings.load_on_demand)
     engine.start()
     log.info("BLAS: %s", blas_status().detail)
     try:

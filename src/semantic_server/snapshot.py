@@ -71,6 +71,7 @@ class ServerSnapshot:
     disk_budget_bytes: int | None
     memory: MemorySnapshot
     blas: str
+    pinned: frozenset[str] = frozenset()  # models load on demand and keep-alive never unload
 
     def model_state(self, model_id: str) -> str:
         """Where a model is: serving (resident: the default or beside it), loading,
@@ -113,7 +114,8 @@ class ServerSnapshot:
 
 def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
                   pool: BlockPool, store: AgentCacheStore,
-                  orchestrator: ModelSwapOrchestrator) -> ServerSnapshot:
+                  orchestrator: ModelSwapOrchestrator,
+                  pinned: frozenset[str] = frozenset()) -> ServerSnapshot:
     loaded = versions.loaded
     tag = CacheTag.for_model(loaded.tag, pool.block_tokens) if loaded else None
     state, reason, public = gate.state, gate.degraded_reason or None, DEGRADED_PUBLIC
@@ -148,4 +150,5 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
         disk_budget_bytes=store.disk_budget_bytes,
         memory=MemorySnapshot.now(),
         blas=blas_status().name,
+        pinned=pinned,
     )

@@ -72,7 +72,7 @@ def test_a_model_that_is_not_serving(client, model, status, code):
 def test_health_status_and_metrics_read_one_snapshot(client):
     client.post("/v1/chat/completions", json=CHAT, headers={"X-Agent-ID": "snap"})
     health = client.get("/health").json()
-    assert health == {"state": "ready", "model": "fake-a", "resident": ["fake-a"],
+    assert health == {"state": "ready", "model": "fake-a", "resident": ["fake-a"], "pinned": [],
                       "in_flight": 0, "held": 0, "active_sequences": 0,
                       "blas": health["blas"]}
     current = client.get("/admin/models/current", headers=ADMIN).json()

@@ -1,8 +1,9 @@
 """Load on demand (SEMANTIC_LOAD_ON_DEMAND), in process over fake models: a request naming a
 model that is not resident loads it (beside when it fits, else in place of the least
 recently used model that may leave), one load serves its whole queue, a minimum residency
-bounds the swaps, pinned models never leave, idle models unload after their keep-alive,
-and what can never work is refused at once."""
+bounds the swaps, pinned models never leave, idle models unload after their keep-alive
+(the server's, or the one the last request asked for), and what can never work is
+refused at once."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from semantic_server.errors import (
 )
 from semantic_server.swap.orchestrator import SwapKind
 from tests.fakes import WEIGHT_BYTES, FakeModel, run_turn, write_model_dirs
-from tests.polling import wait_until
+from tests.polling import wait_for, wait_until
+from tests.unit.conftest import FAST_ADMIN_KEY
 
 pytestmark = pytest.mark.anyio
 ONE_MODEL = WEIGHT_BYTES * 3 // 2  # a memory budget with room for one fake model
@@ -104,6 +106,69 @@ async def test_an_idle_model_unloads_after_its_keep_alive(start):
     await wait_until(lambda: _kinds(server)[-1] == SwapKind.UNLOAD.value, timeout=10)
     assert server.versions.live_models() == ["fake-a"]  # the serving model stays
     assert server.orchestrator.history[-1].old_model_id == "fake-b"
+
+
+async def test_a_request_sets_its_models_keep_alive(start, fake_models):
+    server = await start(load_on_demand=True, keep_alive_seconds=0.01)
+    await run_turn(server.service, "b", "hi", model="fake-b", keep_alive=-1)
+    assert server.residency.keep_alive_of["fake-b"] == -1
+    assert server.residency._expiry("fake-b") is None  # for good: never due
+    await run_turn(server.service, "b", "hi", model="fake-b", keep_alive=3600)
+    assert server.residency.due()[0] == [] and _kinds(server) == ["load"]
+    fake_models["fake-b"].step_gate = threading.Event()
+    running = asyncio.create_task(
+        run_turn(server.service, "b", "hi", model="fake-b", keep_alive=0))
+    await wait_until(lambda: server.versions.beside["fake-b"].pins == 1)
+    server.residency.keep_alive_of["fake-b"] = 0  # past its keep-alive, but in use:
+    assert server.residency.due()[0] == []  # never idle while a request runs on it
+    fake_models["fake-b"].step_gate.set()
+    await running
+    await wait_until(lambda: _kinds(server) == ["load", "unload"], timeout=10)  # 0: once idle
+    assert server.versions.live_models() == ["fake-a"]
+    await run_turn(server.service, "b", "hi", model="fake-b")  # no keep_alive: the default
+    assert "fake-b" not in server.residency.keep_alive_of
+    await wait_until(lambda: _kinds(server) == ["load", "unload", "load", "unload"], timeout=10)
+
+
+async def test_keep_alive_unloads_a_model_loaded_over_the_admin_api(start):
+    server = await start(keep_alive_seconds=0.2)  # load on demand off
+    await server.orchestrator.load("fake-b")
+    await run_turn(server.service, "b", "hi", model="fake-b")
+    await wait_until(lambda: _kinds(server)[-1] == SwapKind.UNLOAD.value, timeout=10)
+    assert server.versions.live_models() == ["fake-a"]
+
+
+def test_pins_over_the_admin_api(make_client):
+    client = make_client(load_on_demand=True, keep_alive_seconds=0.2)
+    admin = {"X-Admin-Key": FAST_ADMIN_KEY}
+    pinned = client.post("/admin/models/pin", json={"model_id": "fake-b"}, headers=admin)
+    assert pinned.status_code == 200
+    assert pinned.json() == {"model_id": "fake-b", "pinned": True, "pinned_models": ["fake-b"]}
+    chat = {"model": "fake-b", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert client.get("/health").json()["pinned"] == ["fake-b"]
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["fake-b"]["pinned"] and not models["fake-a"]["pinned"]
+    server = client.app.state.server
+    assert server.residency._expiry("fake-b") is None  # pinned: never due
+    assert client.post("/admin/models/unpin", json={"model_id": "fake-b"},
+                       headers=admin).json()["pinned_models"] == []
+    # unpinned, idle past its keep-alive: unloaded
+    wait_for(lambda: client.get("/health").json()["resident"] == ["fake-a"], timeout=10)
+    unknown = client.post("/admin/models/pin", json={"model_id": "nope"}, headers=admin)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert client.post("/admin/models/pin", json={"model_id": "fake-b"}).status_code == 401
+
+
+@pytest.mark.parametrize("keep_alive", ["forever", "5 min", "nan", [1]])
+def test_a_keep_alive_that_is_not_a_duration_is_a_400(make_client, keep_alive):
+    client = make_client()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "keep_alive": keep_alive}
+    refused = client.post("/v1/chat/completions", json=chat)
+    assert refused.status_code == 400 and "keep_alive" in refused.text
+    message = {"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+               "keep_alive": keep_alive}
+    assert client.post("/v1/messages", json=message).status_code == 400
 
 
 async def test_what_can_never_work_is_refused_at_once(start, fake_models):

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from semantic_server.api.turn import read_json
-from semantic_server.errors import AdminDisabled, Unauthorized
+from semantic_server.errors import AdminDisabled, ModelNotFound, Unauthorized
 from semantic_server.swap.adapter_swap import AdapterSwapOutcome
 from semantic_server.swap.orchestrator import SwapMode, SwapOutcome, SwapResult, SwapStep
 
@@ -83,6 +83,27 @@ async def residency(request: Request) -> JSONResponse:
     return JSONResponse(result.as_dict(), status_code=swap_status(result))
 
 
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(min_length=1)
+
+
+async def pin(request: Request) -> JSONResponse:
+    """``/admin/models/pin``: load on demand and keep-alive never make the model leave
+    (resident or not yet); ``/admin/models/unpin``: they may again. Pins last until the
+    server stops; ``SEMANTIC_PINNED_MODELS`` sets the ones it starts with."""
+    server = require_admin(request)
+    body = PinRequest.model_validate(await read_json(request, server.settings.max_body_bytes))
+    pinned = request.url.path.endswith("/pin")
+    if pinned:
+        known = await asyncio.to_thread(server.catalog.available)
+        if body.model_id not in {entry.model_id for entry in known}:
+            raise ModelNotFound(f"model {body.model_id!r} is not available")
+    server.residency.pin(body.model_id, pinned)
+    return JSONResponse({"model_id": body.model_id, "pinned": pinned,
+                         "pinned_models": sorted(server.residency.pins)})
+
+
 async def current(request: Request) -> JSONResponse:
     server = require_admin(request)
     return JSONResponse(server.snapshot().current())
@@ -143,6 +164,8 @@ routes = [
     Route("/admin/models/swap", swap, methods=["POST"]),
     Route("/admin/models/load", residency, methods=["POST"]),
     Route("/admin/models/unload", residency, methods=["POST"]),
+    Route("/admin/models/pin", pin, methods=["POST"]),
+    Route("/admin/models/unpin", pin, methods=["POST"]),
     Route("/admin/models/current", current, methods=["GET"]),
     Route("/admin/models/available", available, methods=["GET"]),
     Route("/admin/swaps", swaps, methods=["GET"]),

@@ -130,7 +130,8 @@ async def messages(request: Request) -> Response:
     prompt = prepare(chat)
     params = GenerationParams(max_tokens=capped_max_tokens(request, chat.max_tokens),
                               sampling=SamplingParams(chat.temperature, chat.top_p),
-                              stop=tuple(chat.stop_sequences or ()))
+                              stop=tuple(chat.stop_sequences or ()),
+                              keep_alive=chat.keep_alive)
     items = server.service.generate(agent, prompt, params, chat.model, request_id_of(request),
                                     tenant_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"

@@ -50,7 +50,8 @@ async def completions(request: Request) -> Response:
     params = GenerationParams(
         max_tokens=capped_max_tokens(request, completion.max_tokens or 16),
         sampling=SamplingParams(completion.temperature, completion.top_p, completion.seed),
-        stop=completion.stop_strings(), logprobs=completion.logprobs)
+        stop=completion.stop_strings(), logprobs=completion.logprobs,
+        keep_alive=completion.keep_alive)
     items = server.service.generate(agent, completion.prompt, params, completion.model,
                                     request_id_of(request), tenant_of(request))
     completion_id = f"cmpl-{uuid.uuid4().hex}"

@@ -163,7 +163,8 @@ async def chat_completions(request: Request) -> Response:
     params = GenerationParams(
         max_tokens=capped_max_tokens(request, chat.requested_max_tokens()),
         sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
-        stop=chat.stop_strings(), grammar=grammar, logprobs=chat.requested_logprobs())
+        stop=chat.stop_strings(), grammar=grammar, logprobs=chat.requested_logprobs(),
+        keep_alive=chat.keep_alive)
     items = server.service.generate(agent, prompt, params, chat.model, request_id_of(request),
                                     tenant_of(request))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -259,13 +260,15 @@ def model_ids(server: Any) -> list[str]:
 
 async def list_models(request: Request) -> JSONResponse:
     """Every model a request may name, with where it is (``state``: serving, loading,
-    retiring or available; a ``base:adapter`` is where its base is)."""
+    retiring or available; a ``base:adapter`` is where its base is) and whether it is
+    pinned."""
     server = request.app.state.server
     ids = await asyncio.to_thread(model_ids, server)
     snapshot = server.snapshot()
     return JSONResponse({"object": "list", "data": [
         {"id": model_id, "object": "model", "created": 0, "owned_by": "semantic-server",
-         "state": snapshot.model_state(model_id.partition(":")[0])} for model_id in ids]})
+         "state": snapshot.model_state(model_id.partition(":")[0]),
+         "pinned": model_id.partition(":")[0] in snapshot.pinned} for model_id in ids]})
 
 
 routes = [

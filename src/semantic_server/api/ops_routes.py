@@ -18,6 +18,7 @@ async def health(request: Request) -> JSONResponse:
         "state": state.state.value,
         "model": state.model_id,
         "resident": sorted({v.model_id for v in state.versions if v.state == "serving"}),
+        "pinned": sorted(state.pinned),
         "in_flight": state.in_flight,
         "held": state.held,
         "active_sequences": state.active_sequences,

@@ -5,9 +5,17 @@ Unknown fields are ignored (clients send many); wrong types are a 400 naming the
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256  # a stop string is held back and searched on every token: keep it short
@@ -26,6 +34,24 @@ def check_stops(stop: str | list[str] | None) -> None:
     if isinstance(stop, list) and len(stop) > MAX_STOPS:
         raise ValueError(f"at most {MAX_STOPS} stop sequences")
     check_stop_lengths([stop] if isinstance(stop, str) else stop or [])
+
+
+DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
+DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def keep_alive_seconds(value: Any) -> Any:
+    """Ollama's ``keep_alive`` as seconds: a number of seconds, or a duration such as
+    "30s", "5m" or "1h" (negative: keep the model for good); anything else is left to
+    the float check, which refuses it."""
+    if isinstance(value, str) and (match := DURATION.fullmatch(value.strip())):
+        return float(match[1]) * DURATION_UNITS[match[2]]
+    return value
+
+
+# How long the model a request runs on stays loaded after it (models loaded beside only).
+KeepAlive = Annotated[float | None, BeforeValidator(keep_alive_seconds),
+                      Field(allow_inf_nan=False)]
 
 
 def stop_tuple(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -142,6 +168,7 @@ class OpenAIGeneration(BaseModel):
     n: int = 1
     user: str | None = None
     session_id: str | None = None
+    keep_alive: KeepAlive = None
     # Accepted only at their neutral values: anything else would be silently ignored.
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = 0.0
@@ -298,6 +325,7 @@ class MessagesRequest(BaseModel):
     tool_choice: AnthropicToolChoice | None = None
     top_k: int | None = None
     thinking: Any = None
+    keep_alive: KeepAlive = None
 
     @field_validator("top_k", "thinking")
     @classmethod

@@ -61,6 +61,8 @@ class Residency(Protocol):
 
     def touch(self, model_id: str) -> None: ...
 
+    def release(self, model_id: str, keep_alive: float | None) -> None: ...
+
 log = logging.getLogger(__name__)
 
 
@@ -80,6 +82,9 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None
     logprobs: int | None = None  # None: none; k: each token's and the top k (0-20)
+    # How long the model stays loaded after this request (seconds; negative: for good;
+    # None: the server's default): Ollama's keep_alive, for models loaded beside.
+    keep_alive: float | None = None
 
 
 # What a request asks to continue: chat messages (rendered by the model's chat template),
@@ -279,14 +284,16 @@ class GenerationService:
     def __init__(self, engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
                  catalog: ModelCatalog, observer: Observer, max_context_tokens: int,
                  max_queued: int = 64, adapters: AdapterCatalog | None = None,
-                 residency: Residency | None = None) -> None:
-        """``residency``, when given, loads the models requests name (load on demand)."""
+                 residency: Residency | None = None, load_on_demand: bool = False) -> None:
+        """``residency``, when given, hears when requests start and end on a model (for
+        keep-alive and recency) and, with ``load_on_demand``, loads the models they name."""
         self.engine = engine
         self.gate = gate
         self.versions = versions
         self.catalog = catalog
         self.adapters = adapters
         self.residency = residency
+        self.load_on_demand = load_on_demand
         self.observer = observer
         self.max_context_tokens = max_context_tokens
         self.max_queued = max_queued
@@ -374,7 +381,7 @@ class GenerationService:
         model_id, adapter = await self._named_adapter(model_id)
         self._check_exists(model_id)
         self._check_capacity()
-        if self.residency is not None and model_id is not None:
+        if self.residency is not None and self.load_on_demand and model_id is not None:
             await self.residency.ensure(model_id)
         run = self._run(agent_id, prompt, params, model_id, adapter, request_id, tenant)
         if agent_id is None:
@@ -409,9 +416,13 @@ class GenerationService:
                 self.residency.touch(loaded.model_id)
             adapter = self._adapter_for(loaded, named)
             run = self._run_on(loaded, adapter, agent_id, request, params, request_id, tenant)
-            async with aclosing(run):
-                async for item in run:
-                    yield item
+            try:
+                async with aclosing(run):
+                    async for item in run:
+                        yield item
+            finally:
+                if self.residency is not None:
+                    self.residency.release(loaded.model_id, params.keep_alive)
 
     async def _run_on(self, loaded: Any, adapter: Adapter | None, agent_id: str | None,
                       request: Prompt | Renderer, params: GenerationParams,

@@ -14,9 +14,12 @@ serves the requests that name no model from then on). The policy is data
   finish first), so no model's queue is starved by a busier one;
 * **queue bound**: at most ``max_queue`` requests wait per model (429 beyond), and none
   waits longer than ``hold_seconds`` (503);
-* **pins**: pinned models are never made to leave;
-* **keep-alive**: a model beside that no request used for ``keep_alive_seconds`` is
-  unloaded (the serving model stays).
+* **pins**: pinned models (``pinned_models``, and ``/admin/models/pin`` at run time) are
+  never made to leave;
+* **keep-alive**: a model beside that no request used for its keep-alive is unloaded (the
+  serving model stays: it takes the requests that name no model). The keep-alive is
+  ``keep_alive_seconds``, or what the last request naming the model asked for (Ollama's
+  per-request ``keep_alive``: 0 unloads it once idle, a negative value keeps it).
 
 A model that can never fit is a 422 at once, an unknown one a 404; a load that fails
 answers its queue with a 503 naming the step that failed, and the others keep serving.
@@ -42,6 +45,7 @@ from semantic_server.errors import (
 from semantic_server.swap.orchestrator import ModelSwapOrchestrator, SwapOutcome, SwapResult
 
 RETRY_SECONDS = 0.1  # after an admin operation held the orchestrator, before trying again
+KEEPER_TICK_SECONDS = 1.0  # the longest the keep-alive waits between two looks
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +70,16 @@ class ResidencyManager:
         self.arrived: dict[str, float] = {}  # model id -> when it became resident
         self.used: dict[str, float] = {}  # model id -> when a request last named it
         self.waiting: Counter[str] = Counter()  # requests queued per model
+        self.pins: set[str] = set(policy.pinned)  # models never made to leave
+        self.keep_alive_of: dict[str, float] = {}  # model id -> the last request's keep-alive
+        self._asked = asyncio.Event()  # a request ended: look again now
         self._loads: dict[str, asyncio.Task] = {}  # the one load serving each model's queue
         self._lock = asyncio.Lock()  # one residency change at a time
         self._keeper: asyncio.Task | None = None
 
     def start(self) -> None:
-        """Start unloading idle models, when a keep-alive is set."""
-        if self.policy.keep_alive_seconds is not None:
-            self._keeper = asyncio.create_task(self.keep_alive())
+        """Start unloading the models beside that stay idle past their keep-alive."""
+        self._keeper = asyncio.create_task(self.keep_alive())
 
     async def stop(self) -> None:
         """Stop the keep-alive and the loads still waiting for room (at shutdown)."""
@@ -83,10 +89,28 @@ class ResidencyManager:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def touch(self, model_id: str) -> None:
-        """A request ran on ``model_id`` (its recency, for the choice of who leaves)."""
+        """A request started on ``model_id`` (its recency, for the choice of who leaves)."""
         now = time.monotonic()
         self.used[model_id] = now
         self.arrived.setdefault(model_id, now)
+
+    def release(self, model_id: str, keep_alive: float | None) -> None:
+        """A request ended on ``model_id``: the model's keep-alive is the one it asked for
+        from now on, or the default when it asked for none (as each Ollama request sets
+        its model's)."""
+        self.used[model_id] = time.monotonic()
+        if keep_alive is None:
+            self.keep_alive_of.pop(model_id, None)
+        else:
+            self.keep_alive_of[model_id] = keep_alive
+        self._asked.set()
+
+    def pin(self, model_id: str, pinned: bool) -> None:
+        """Pin ``model_id`` (load on demand and keep-alive never make it leave) or unpin it."""
+        if pinned:
+            self.pins.add(model_id)
+        else:
+            self.pins.discard(model_id)
 
     async def ensure(self, model_id: str) -> None:
         """Return once ``model_id`` is resident, loading it if need be."""
@@ -157,7 +181,7 @@ class ResidencyManager:
         """The least recently used resident model that may leave now, or None and how long
         until one may (None: none ever may, every other model is pinned)."""
         now = time.monotonic()
-        candidates = [m for m in self.versions.live_models() if m not in self.policy.pinned]
+        candidates = [m for m in self.versions.live_models() if m not in self.pins]
         if not candidates:
             return None, None
         ready = [m for m in candidates
@@ -168,24 +192,48 @@ class ResidencyManager:
                       for m in candidates)
         return None, max(0.01, soonest - now)
 
+    def _expiry(self, model_id: str) -> float | None:
+        """When ``model_id`` (a model beside) may be unloaded for idleness; None: never."""
+        limit = self.keep_alive_of.get(model_id, self.policy.keep_alive_seconds)
+        if limit is None or limit < 0 or model_id in self.pins:
+            return None
+        return self.used.get(model_id, self.arrived.get(model_id, time.monotonic())) + limit
+
+    def due(self) -> tuple[list[str], float]:
+        """The models beside idle past their keep-alive (a model with requests in flight
+        is never idle), and how long until the next one will be (at most a tick)."""
+        now = time.monotonic()
+        busy = {model for model, pins, _, _ in self.versions.pinned().values() if pins}
+        expiries = {m: t for m in self.versions.beside
+                    if m not in busy and (t := self._expiry(m)) is not None}
+        later = [t - now for t in expiries.values() if t > now]
+        return [m for m, t in expiries.items() if t <= now], min([KEEPER_TICK_SECONDS, *later])
+
     async def keep_alive(self) -> None:
-        """Unload models beside that no request named for ``keep_alive_seconds`` (runs
-        until cancelled; the serving model and pinned ones stay)."""
-        limit = self.policy.keep_alive_seconds
-        if limit is None:
-            return
+        """Unload each model beside once no request used it for its keep-alive (runs until
+        cancelled)."""
         while True:
-            await asyncio.sleep(max(0.05, limit / 4))  # the policy's clock, not a race
-            now = time.monotonic()
-            for model_id in list(self.versions.beside):
-                idle = now - self.used.get(model_id, self.arrived.get(model_id, now))
-                if model_id in self.policy.pinned or idle < limit or self._lock.locked():
-                    continue
-                async with self._lock:
-                    try:
-                        await self.orchestrator.unload(model_id)
-                        self.arrived.pop(model_id, None)
-                        log.info("model unloaded after its keep-alive", extra={"fields": {
-                            "model": model_id, "idle_s": round(idle, 1)}})
-                    except Exception as exc:  # a swap in progress, say: next round
-                        log.info("keep-alive unload deferred: %s", exc)
+            self._asked.clear()
+            idle, wait = self.due()
+            for model_id in idle:
+                await self._unload_idle(model_id)
+            try:  # the policy's clock, woken early when a request ends (asyncio.timeout,
+                # unlike 3.11's wait_for, never swallows the cancel that stops the loop)
+                async with asyncio.timeout(max(0.01, wait)):
+                    await self._asked.wait()
+            except TimeoutError:
+                pass
+
+    async def _unload_idle(self, model_id: str) -> None:
+        if self._lock.locked():  # a load is making room: look again next round
+            return
+        async with self._lock:
+            try:
+                await self.orchestrator.unload(model_id)
+            except Exception as exc:  # a swap in progress, say: next round
+                log.info("keep-alive unload deferred: %s", exc)
+                return
+            self.arrived.pop(model_id, None)
+            log.info("model unloaded after its keep-alive", extra={"fields": {
+                "model": model_id,
+                "keep_alive_s": self.keep_alive_of.get(model_id, self.policy.keep_alive_seconds)}})
