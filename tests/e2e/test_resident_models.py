@@ -1,9 +1,18 @@
-"""Two real models resident side by side, by request: with load on demand, the first
-request naming Gemma loads it beside SmolLM2; requests naming either model then interleave
-through the official OpenAI client, every agent warm on its next turn, with no swap; and
-Gemma is unloaded again over the admin API without holding anyone."""
+"""Real models by request, through the official OpenAI client.
+
+With room for both: the first request naming Gemma loads it beside SmolLM2; requests
+naming either model then interleave, every agent warm on its next turn, with no swap; and
+Gemma leaves once a request's ``keep_alive: 0`` lets it.
+
+With room for one: agents of two models take turns at once; they are served in per-model
+batches (one swap per change of model, no more), every agent is warm when its model
+returns, and a pinned model is never made to leave.
+"""
 
 from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -13,6 +22,7 @@ from experiments.servers import ServerProcess
 from semantic_server.swap.orchestrator import LOAD_STEPS, UNLOAD_STEPS
 from tests.conftest import GEMMA, SMOLLM2
 from tests.e2e.helpers import ADMIN, KEY
+from tests.polling import wait_for
 
 QUESTION = "Here are my notes about the harbour, the lighthouse and the tides. Summarise them."
 
@@ -29,12 +39,13 @@ def admin(server: ServerProcess, action: str, model_id: str) -> httpx.Response:
                       headers=ADMIN, timeout=600)
 
 
-def turn(server: ServerProcess, model: str, agent: str, history: list[dict]) -> tuple:
+def turn(server: ServerProcess, model: str, agent: str, history: list[dict],
+         **extra) -> tuple:
     """One agent turn: (reply, prompt tokens, cached tokens, the model that answered)."""
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                    default_headers={"X-Agent-ID": agent})
+                    default_headers={"X-Agent-ID": agent}, timeout=600)
     reply = client.chat.completions.create(model=model, messages=history, max_tokens=6,
-                                           temperature=0)
+                                           temperature=0, extra_body=extra)
     details = reply.usage.prompt_tokens_details
     return (reply.choices[0].message.content, reply.usage.prompt_tokens,
             (details.cached_tokens if details else 0) or 0, reply.model)
@@ -59,11 +70,74 @@ def test_two_models_serve_side_by_side_and_every_agent_stays_warm(pair_server):
     health = httpx.get(f"{pair_server.url}/health").json()
     assert health["model"] == SMOLLM2 and health["resident"] == [GEMMA, SMOLLM2]
 
-    unloaded = admin(pair_server, "unload", GEMMA)
-    assert unloaded.status_code == 200, unloaded.text
-    assert [s["name"] for s in unloaded.json()["steps"]] == list(UNLOAD_STEPS)
-    assert unloaded.json()["evicted_agents"] == 1
+    # A request's keep_alive 0: Gemma leaves as soon as it is idle, its agent's cache on disk
+    turn(pair_server, GEMMA, "scout", histories["scout"], keep_alive=0)
+    wait_for(lambda: len(httpx.get(f"{pair_server.url}/admin/swaps", headers=ADMIN)
+                         .json()["data"]) == 2, timeout=60, what="Gemma's keep-alive unload")
+    unloaded = httpx.get(f"{pair_server.url}/admin/swaps", headers=ADMIN).json()["data"][-1]
+    assert unloaded["kind"] == "unload" and unloaded["old_model_id"] == GEMMA
+    assert [s["name"] for s in unloaded["steps"]] == list(UNLOAD_STEPS)
+    assert unloaded["evicted_agents"] == 1
     assert httpx.get(f"{pair_server.url}/health").json()["resident"] == [SMOLLM2]
     refused = admin(pair_server, "unload", SMOLLM2)
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "model_state_conflict"
+
+
+# Room for one SmolLM2 (its load needs about 0.9 GiB) but not for two (1.4 GiB).
+ONE_SMOLLM2 = 1100 * 2**20
+
+
+@pytest.fixture(scope="module")
+def twin(models_dir, tmp_path_factory):
+    """SmolLM2 under a second name: a second model exactly as large as the first, so that
+    neither fits beside the other (Gemma, whose load peaks at 2.3 GiB, would leave room
+    for SmolLM2 beside it within any budget it fits)."""
+    alias = tmp_path_factory.mktemp("models") / f"{SMOLLM2}-twin"
+    alias.symlink_to(models_dir / SMOLLM2)
+    return alias
+
+
+def test_with_room_for_one_agents_run_in_per_model_batches_and_stay_warm(twin):
+    server = ServerProcess(SMOLLM2, admin_key=KEY, load_on_demand="true",
+                           memory_budget_bytes=str(ONE_SMOLLM2), min_residency_seconds="1",
+                           extra_models=json.dumps([str(twin)])).start()
+    try:
+        agents = {"planner": SMOLLM2, "scout-1": twin.name, "scout-2": twin.name}
+        histories = {agent: [{"role": "user", "content": f"{agent}: {QUESTION}"}]
+                     for agent in agents}
+        previous: dict[str, int] = {}
+        rounds = 3
+        with ThreadPoolExecutor(len(agents)) as pool:
+            for round_ in range(rounds):  # every agent's turn at once, each round
+                replies = dict(zip(agents, pool.map(
+                    lambda a: turn(server, agents[a], a, histories[a]), agents), strict=True))
+                for agent, (reply, prompt, cached, served) in replies.items():
+                    assert served == agents[agent]
+                    if round_:  # warm when its model returns: its cache came back from disk
+                        assert cached >= 0.9 * previous[agent], (agent, cached, previous)
+                    previous[agent] = prompt
+                    histories[agent] += [{"role": "assistant", "content": reply},
+                                         {"role": "user", "content": "Go on."}]
+        swaps = httpx.get(f"{server.url}/admin/swaps", headers=ADMIN).json()["data"]
+        assert {s["kind"] for s in swaps} == {"swap"}  # never beside: there is no room
+        assert all(s["status"] == "success" for s in swaps)
+        # One swap per change of model: the first round brings the twin once for both
+        # scouts; each later round changes model at most twice, never once per request.
+        assert 1 + 1 <= len(swaps) <= 1 + 2 * (rounds - 1), [s["new_model_id"] for s in swaps]
+
+        serving = httpx.get(f"{server.url}/health").json()["model"]
+        other = SMOLLM2 if serving == twin.name else twin.name
+        pinned = httpx.post(f"{server.url}/admin/models/pin", json={"model_id": serving},
+                            headers=ADMIN)
+        assert pinned.status_code == 200
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(Exception) as refused:  # the pinned model never leaves for it
+            client.chat.completions.create(model=other, max_tokens=2, messages=[
+                {"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 422 and "pinned" in str(refused.value)
+        after = httpx.get(f"{server.url}/admin/swaps", headers=ADMIN).json()["data"]
+        assert len(after) == len(swaps)
+        assert httpx.get(f"{server.url}/health").json()["resident"] == [serving]
+    finally:
+        server.stop()

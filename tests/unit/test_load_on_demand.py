@@ -76,6 +76,26 @@ async def test_with_room_for_one_alternating_models_swap_and_every_agent_stays_w
     assert server.snapshot().model_id == "fake-a"
 
 
+async def test_a_model_that_left_while_its_request_waited_is_brought_back(start, fake_models):
+    server = await start(load_on_demand=True, memory_budget_bytes=ONE_MODEL,
+                         min_residency_seconds=0)
+    await run_turn(server.service, "scout", "Look", model="fake-b")
+    fake_models["fake-b"].step_gate = threading.Event()
+    first = asyncio.create_task(run_turn(server.service, "scout", "Look", model="fake-b"))
+    await wait_until(lambda: server.versions.serving.pins == 1)
+    # fake-b is resident as the scout's next request arrives, which then waits its turn...
+    second = asyncio.create_task(run_turn(server.service, "scout", "Look", model="fake-b"))
+    await wait_until(lambda: server.service._agent_locks["scout"].count == 2)
+    # ...while the planner's request makes fake-b leave
+    planner = asyncio.create_task(run_turn(server.service, "planner", "Plan", model="fake-a"))
+    await wait_until(lambda: server.orchestrator.swapping is not None)
+    fake_models["fake-b"].step_gate.set()
+    assert (await planner).text == "Hello from A."
+    assert (await second).text == "B here."  # brought back, not a 409
+    await first
+    assert _kinds(server) == ["swap"] * 3 and fake_models["fake-b"].loads == 2
+
+
 async def test_minimum_residency_holds_a_model_against_the_next(start):
     server = await start(load_on_demand=True, memory_budget_bytes=ONE_MODEL,
                          min_residency_seconds=60, swap_hold_seconds=0.3)

@@ -41,8 +41,10 @@ from semantic_server.errors import (
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
+    ModelNotLoaded,
     QueueFull,
     SemanticServerError,
+    ServerBusy,
     ServiceDegraded,
 )
 from semantic_server.models.adapters import Adapter, AdapterCatalog
@@ -64,6 +66,8 @@ class Residency(Protocol):
     def release(self, model_id: str, keep_alive: float | None) -> None: ...
 
 log = logging.getLogger(__name__)
+
+LOAD_ATTEMPTS = 3  # how often a request brings its model back before a 503
 
 
 @dataclass(frozen=True)
@@ -381,11 +385,11 @@ class GenerationService:
         model_id, adapter = await self._named_adapter(model_id)
         self._check_exists(model_id)
         self._check_capacity()
-        if self.residency is not None and self.load_on_demand and model_id is not None:
-            await self.residency.ensure(model_id)
-        run = self._run(agent_id, prompt, params, model_id, adapter, request_id, tenant)
+        run = self._admitted(
+            lambda: self._run(agent_id, prompt, params, model_id, adapter, request_id, tenant),
+            model_id)
         if agent_id is None:
-            async with self.gate.admit(), aclosing(run):
+            async with aclosing(run):
                 async for item in run:
                     yield item
             return
@@ -395,7 +399,7 @@ class GenerationService:
         try:
             await self._agent_turn(users)
             try:
-                async with self.gate.admit(), aclosing(run):
+                async with aclosing(run):
                     async for item in run:
                         yield item
             finally:
@@ -404,6 +408,36 @@ class GenerationService:
             users.count -= 1
             if users.count == 0:
                 self._agent_locks.pop(agent_id, None)
+
+    async def _admitted(self, make_run: Callable[[], AsyncIterator[Any]],
+                        model_id: str | None) -> AsyncIterator[Any]:
+        """The run of ``make_run()``, admitted by the gate.
+
+        With load on demand, the model a request names is brought first; and if it left
+        again before the request was admitted (another model's queue made it leave while
+        this request waited for its turn or a swap), it is brought back, a few times at
+        most, so a request never fails because another model's requests came in between.
+        """
+        on_demand = self.residency is not None and self.load_on_demand and model_id is not None
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            if on_demand:
+                await self.residency.ensure(model_id)
+            run = make_run()
+            async with self.gate.admit(), aclosing(run):
+                try:
+                    first = await anext(run)
+                except ModelNotLoaded:
+                    if not on_demand:
+                        raise
+                    log.info("model %s left before request admission (attempt %d)",
+                             model_id, attempt)
+                    continue
+                yield first
+                async for item in run:
+                    yield item
+                return
+        raise ServerBusy(f"model {model_id!r} kept leaving for other models' requests; "
+                         f"retry shortly", retry_after=1)
 
     async def _run(self, agent_id: str | None, request: Prompt | Renderer,
                    params: GenerationParams, model_id: str | None, named: Adapter | None,
