@@ -33,6 +33,7 @@ from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_writer import CacheWriter
 from semantic_server.config import Settings
 from semantic_server.engine.batch_engine import (
     BatchEngine,
@@ -116,7 +117,8 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
                                          settings.lora_slots, settings.lora_max_rank)
     pool = BlockPool(kv_budget(settings), settings.block_tokens)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
-                             disk_budget(settings), settings.cache_disk_format)
+                             disk_budget(settings), settings.cache_disk_format,
+                             CacheWriter() if settings.cache_write_behind else None)
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries,
@@ -162,6 +164,7 @@ async def stop_server(server: ServerContext) -> None:
     except (CacheWriteError, EngineStopped) as exc:  # the process ends anyway; older files
         log.error("some agent caches were lost at exit: %s", exc)  # stay valid
     finally:
+        server.store.close()
         server.engine.shutdown()
 
 

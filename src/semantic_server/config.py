@@ -128,6 +128,10 @@ class Settings(BaseSettings):
         "keep-alive never make leave.")
     max_model_queue: int = Field(
         32, gt=0, description="Requests that may wait for one model to load; more get 429.")
+    cache_write_behind: bool = Field(
+        True, description="Write caches evicted to make room on a writer thread, so running "
+        "streams do not stall on the disk (a swap and shutdown still wait for every write); "
+        "false: write them on the engine thread.")
     cache_disk_format: DiskFormat = Field(
         DiskFormat.NATIVE, description="How cache files store KV: native (as computed, "
         "lossless), float16, q8 or q4 (MLX affine quantization, groups of 32). Files of "

@@ -3,9 +3,11 @@ objects holding small arrays."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
+import threading
 import zlib
 
 import mlx.core as mx
@@ -20,10 +22,13 @@ from semantic_server.cache.cache_file import (
     CacheFileError,
     CacheTag,
     agent_file_name,
+    prepare_file,
     read_cache,
     read_tag_file,
     write_cache,
+    write_prepared,
 )
+from semantic_server.cache.cache_writer import CacheWriter
 from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
@@ -392,3 +397,93 @@ def test_a_store_writes_its_format_and_reads_any(tmp_path):
     back = reader.checkout(TAG, "a")  # a native store reads it (head dim 8: float16)
     assert back is not None and back.tokens == list(range(12))
     assert float(mx.abs(back.layers[0].keys - _layers(12)[0].keys[..., :12, :]).max()) < 0.5
+
+
+class GatedWrites:
+    """The writer's write function, held until released and failing on request: a fault
+    (a write that fails, then one that passes) a test cannot cause on a real disk at will."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.gate = threading.Event()
+        self.failures = failures
+        self.attempts = 0
+
+    def __call__(self, path, prepared) -> int:
+        assert self.gate.wait(30), "the test never released the writer"
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise OSError("injected write failure")
+        return write_prepared(path, prepared)
+
+
+def _store_behind(tmp_path, writes: GatedWrites, budget_tokens: int = 8):
+    pool = BlockPool(budget_bytes=BlockPool(1, 4).bytes_for(DIMS, budget_tokens), block_tokens=4)
+    store = AgentCacheStore(pool, tmp_path, writer=CacheWriter(writes))
+    store.add_model(TAG, DIMS)
+    return store
+
+
+def test_a_spill_is_written_behind_and_its_agent_is_served_from_memory_meanwhile(tmp_path):
+    writes = GatedWrites()
+    store = _store_behind(tmp_path, writes)
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    store.checkin(AgentCache("b", _layers(8), list(range(8)), TAG))  # a spills: queued
+    assert _hot(store) == ["b"] and store.cold_files() == []  # nothing written yet
+    assert store.residency().cold_agents == 1  # but it counts as cold
+    back = store.checkout(TAG, "a")  # the writer is still held: served from memory
+    assert back is not None and back.tokens == list(range(8))
+    assert store.lookups[Lookup.DISK] == 1
+    writes.gate.set()
+    store.flush()
+    assert store.cold_files() == [tmp_path / TAG.digest / agent_file_name("a")]
+    assert read_cache(store.cold_files()[0]).tokens == list(range(8))
+    store.close()
+
+
+def test_a_write_that_fails_is_retried_once_then_counted_and_the_cache_stays_hot(tmp_path):
+    writes = GatedWrites(failures=1)
+    store = _store_behind(tmp_path, writes, budget_tokens=12)
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    store.reserve("job", TAG, 8)  # a running request makes a spill
+    writes.gate.set()
+    store.flush()
+    assert writes.attempts == 2 and store.write_failures == 0  # the retry passed
+    assert len(store.cold_files()) == 1
+
+    writes.failures, writes.attempts = 2, 0  # now both attempts fail
+    store.unreserve("job")
+    store.checkin(store.checkout(TAG, "a"))
+    store.reserve("job", TAG, 8)
+    store.unreserve("job")  # the room is back by the time the failure is known
+    store.flush()
+    assert writes.attempts == 2 and store.write_failures == 1
+    assert _hot(store) == ["a"]  # kept in memory, not lost
+    store.close()
+
+
+def test_evict_all_waits_for_writes_behind_and_stays_all_or_nothing(tmp_path):
+    writes = GatedWrites()
+    store = _store_behind(tmp_path, writes)
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    store.checkin(AgentCache("b", _layers(8), list(range(8)), TAG))  # a is queued
+    threading.Timer(0.05, writes.gate.set).start()  # the writer is slow, not stuck
+    assert store.evict_all() == ["b"]  # returns once a's write has landed too
+    assert sorted(p.name for p in store.cold_files()) == sorted(
+        agent_file_name(agent) for agent in ("a", "b"))
+    store.close()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_files_written_from_prepared_buffers_read_back_exactly(tmp_path, dtype):
+    layers = _layers(11)
+    for layer in layers:  # strided views of preallocated buffers, as a batch leaves them
+        layer.keys, layer.values = layer.keys.astype(dtype), layer.values.astype(dtype)
+    tag = dataclasses.replace(TAG, kv_dtype=str(dtype).rpartition(".")[2])
+    entry = AgentCache("a", layers, list(range(11)), tag)
+    path = tmp_path / "a.safetensors"
+    write_prepared(path, prepare_file(tag, entry))
+    back = read_cache(path)
+    for theirs, ours in zip(back.layers, layers, strict=True):
+        for got, want in zip(theirs.state[:2], ours.state[:2], strict=True):
+            used = want[..., : got.shape[2], :]  # the positions in use, not the padding
+            assert got.dtype == want.dtype and mx.array_equal(got, used).item()

@@ -13,6 +13,12 @@ by tag (which names the LoRA adapter it was made under, if any) and agent, so a 
 never takes a cache of another model or adapter than the one it runs on. An agent may hold
 one cache per adapter, hot or on disk; each comes back when its adapter does.
 
+An LRU spill is written behind (``cache_writer.py``) when the store has a writer: the
+engine thread prepares the file and goes on, the writer thread writes it. Until it is on
+disk the cache stays in memory as *pending*: the agent's next request takes it from there,
+a failed write (after one retry) puts it back hot when it fits, and a swap's evict step or
+shutdown first waits for every pending write, so all-or-nothing still holds.
+
 The files on disk are indexed in memory (one scan at startup, then kept up to date by every
 write and deletion), so reports and the disk budget never rescan the folder. Only the
 engine thread changes this class, so it needs no lock; reports copy before reading.
@@ -38,11 +44,13 @@ from semantic_server.cache.cache_file import (
     CacheTag,
     agent_file_name,
     estimated_file_bytes,
+    prepare_file,
     read_cache,
     read_summary,
     read_tag_file,
     write_cache,
 )
+from semantic_server.cache.cache_writer import CacheWriter
 from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import ModelDims
@@ -85,6 +93,15 @@ class Residency:
     cold_bytes: int
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A spilled cache on its way to disk: still in memory until the writer is done."""
+
+    number: int  # its write job's
+    entry: AgentCache
+    nbytes: int  # what the file will take, for the disk budget
+
+
 def _mtime(path: Path) -> float:
     """A file's modification time; 0 for one deleted meanwhile (its read will miss)."""
     try:
@@ -96,9 +113,11 @@ def _mtime(path: Path) -> float:
 class AgentCacheStore:
     def __init__(self, pool: BlockPool, cache_dir: Path, reuse: CacheReuse = CacheReuse.EXACT,
                  disk_budget_bytes: int | None = None,
-                 disk_format: DiskFormat = DiskFormat.NATIVE) -> None:
+                 disk_format: DiskFormat = DiskFormat.NATIVE,
+                 writer: CacheWriter | None = None) -> None:
         """``disk_format``: how the files this store writes hold their KV (it reads every
-        format)."""
+        format). ``writer``: spills are written behind by it (None: on the caller's
+        thread)."""
         self.pool = pool
         self.cache_dir = Path(cache_dir)
         self.reuse = CacheReuse(reuse)
@@ -112,6 +131,8 @@ class AgentCacheStore:
         self._models: dict[str, tuple[CacheTag, ModelDims, int]] = {}
         self._hot: dict[HotKey, AgentCache] = {}
         self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
+        self.writer = writer
+        self._pending: dict[Path, Pending] = {}  # spills the writer has not finished
 
     def _scan(self) -> dict[Path, tuple[int, float]]:
         """Index the cache files on disk; drop what a process killed mid-write left."""
@@ -164,12 +185,17 @@ class AgentCacheStore:
     def checkout(self, tag: CacheTag, agent_id: str) -> AgentCache | None:
         """The agent's cache for a request on ``tag``'s model: hot if resident, else from
         disk, else None."""
+        self.collect()
         key = (tag.digest, agent_id)
         entry = self._hot.pop(key, None)
         self.pool.release(key)
         if entry is not None:
             self.lookups[Lookup.HOT] += 1
             return entry
+        pending = self._pending.pop(self._path(tag, agent_id), None)
+        if pending is not None:  # evicted, its file still being written: no need to read
+            self.lookups[Lookup.DISK] += 1
+            return pending.entry
         entry = self._load_cold(tag, agent_id)
         if entry is not None:
             self.lookups[Lookup.DISK] += 1
@@ -262,6 +288,7 @@ class AgentCacheStore:
         disk) every cache stays hot and CacheWriteError is raised, so a swap can give up
         before it unloads anything instead of losing agents' context.
         """
+        self.flush()  # spills written behind land first (a failed one is hot again)
         keys = [key for key in self.pool.agents()
                 if tag is None or self._tag(self._hot[key]).base == tag.base]
         entries = [self._hot[key] for key in keys]
@@ -291,9 +318,62 @@ class AgentCacheStore:
     def _spill(self, entry: AgentCache) -> None:
         try:
             self._make_room([entry])
-            self._write(entry)
+            if self.writer is None:
+                self._write(entry)
+            else:
+                self._write_behind(entry)
         except Exception as exc:  # logged and counted, never fatal
             log.error("could not write the cache of an agent: %s", exc)
+
+    # ---- write-behind ----------------------------------------------------------------
+    def _write_behind(self, entry: AgentCache) -> None:
+        """Queue ``entry``'s file for the writer; it stays in memory until written."""
+        assert self.writer is not None
+        tag = self._tag(entry)
+        path = self._path(tag, entry.agent_id)
+        job = self.writer.submit(path, prepare_file(tag, entry, self.disk_format))
+        self._pending[path] = Pending(job.number, entry,
+                                      estimated_file_bytes(tag, entry, self.disk_format))
+
+    def collect(self) -> None:
+        """Take the writer's results: written files join the index; a file that could not
+        be written is counted, and its cache is hot again if it fits (else it is lost, as
+        a failed synchronous spill is)."""
+        while self.writer is not None and self.writer.done:
+            done = self.writer.done.popleft()
+            path = done.job.path
+            pending = self._pending.get(path)
+            current = pending is not None and pending.number == done.job.number
+            if current:
+                del self._pending[path]
+            if done.size is not None:
+                self._cold[path] = (done.size, time.time())
+                continue
+            self.write_failures += 1
+            log.error("could not write the cache of an agent: %s", done.error)
+            if current and pending is not None:
+                self._back_hot(pending.entry)
+
+    def _back_hot(self, entry: AgentCache) -> None:
+        key = (self._tag(entry).digest, entry.agent_id)
+        need = self._bytes(entry)
+        if key in self._hot or need > self.pool.free:
+            log.error("an agent's cache was lost: its file could not be written and it "
+                      "does not fit in memory beside the others")
+            return
+        self._hot[key] = entry
+        self.pool.allocate(key, need)
+
+    def flush(self) -> None:
+        """Wait for every spill written behind (engine thread)."""
+        if self.writer is not None:
+            self.writer.flush()
+            self.collect()
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer (at shutdown, after ``evict_all``)."""
+        if self.writer is not None:
+            self.writer.close()
 
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
@@ -315,8 +395,10 @@ class AgentCacheStore:
         mine = {self._path(self._tag(entry), entry.agent_id) for entry in entries}
         need = sum(estimated_file_bytes(self._tag(entry), entry, self.disk_format)
                    for entry in entries)
-        others = sorted((p for p in self._cold if p not in mine), key=lambda p: self._cold[p][1])
-        kept = sum(self._cold[p][0] for p in others)
+        coming = {p: x.nbytes for p, x in self._pending.items() if p not in mine}
+        others = sorted((p for p in self._cold if p not in mine and p not in coming),
+                        key=lambda p: self._cold[p][1])
+        kept = sum(self._cold[p][0] for p in others) + sum(coming.values())
         if need > self.disk_budget_bytes:
             self.write_failures += len(entries)
             raise CacheWriteError(f"{len(entries)} agent caches need about {need} bytes; the "
@@ -425,7 +507,9 @@ class AgentCacheStore:
     def residency(self) -> Residency:
         """Hot and cold counts and bytes; safe to call from another thread (copies first)."""
         hot = list(self._hot.values())
-        cold = [size for size, _ in list(self._cold.values())]
+        pending = dict(self._pending)  # written behind: cold, not yet on disk
+        cold = [size for path, (size, _) in dict(self._cold).items() if path not in pending]
+        cold += [write.nbytes for write in pending.values()]
         return Residency(len(hot), sum(self._exact_bytes(entry) for entry in hot),
                          len(cold), sum(cold))
 

@@ -206,19 +206,74 @@ def estimated_file_bytes(tag: CacheTag, entry: AgentCache,
     return sum(array.nbytes for array in arrays.values()) + header
 
 
+# safetensors' name of each dtype a cache file holds
+_SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
+                       mx.int32: "I32", mx.uint32: "U32", mx.uint8: "U8"}
+
+
+@dataclass(frozen=True)
+class PreparedFile:
+    """A cache file's contents, off the batch's arrays: evaluated, and seen through
+    zero-copy buffers that keep them alive, so any thread can write them without an MLX
+    call (the arrays never change: MLX arrays are immutable)."""
+
+    tag: CacheTag
+    metadata: dict[str, str]
+    arrays: list[tuple[str, str, tuple[int, ...], memoryview]]  # name, dtype, shape, bytes
+
+
+def prepare_file(tag: CacheTag, entry: AgentCache,
+                 fmt: DiskFormat = DiskFormat.NATIVE) -> PreparedFile:
+    """The MLX part of a write (engine thread): the KV encoded in ``fmt`` and evaluated.
+    Native KV is not copied (its buffers are viewed with their strides); another format
+    costs its conversion here."""
+    arrays, metadata = _contents(tag, entry, fmt)
+    mx.eval(arrays)
+    views = []
+    for name, array in arrays.items():
+        dtype = _SAFETENSORS_DTYPES[array.dtype]
+        if array.dtype == mx.bfloat16:  # the buffer protocol has no bfloat16: same bytes
+            array = array.view(mx.uint16)
+            mx.eval(array)
+        views.append((name, dtype, tuple(array.shape), memoryview(array)))
+    return PreparedFile(tag, metadata, views)
+
+
+def write_prepared(path: Path, prepared: PreparedFile) -> int:
+    """Write a prepared cache file to ``path`` atomically, with a checksum of every array;
+    returns the file's size. No MLX call: any thread may write (the writer thread does)."""
+    buffers = [(name, dtype, shape, np.ascontiguousarray(np.asarray(view)))
+               for name, dtype, shape, view in prepared.arrays]
+    checksums = {name: zlib.crc32(memoryview(data).cast("B")) for name, _, _, data in buffers}
+    metadata = {**prepared.metadata, "checksums": json.dumps(checksums)}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, data in buffers:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+
+    def write(temporary: Path) -> None:
+        with temporary.open("wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little") + encoded)
+            for _, _, _, data in buffers:
+                handle.write(memoryview(data).cast("B"))
+
+    tag = prepared.tag
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
+        _write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
+    _write_atomically(path, write)
+    return path.stat().st_size
+
+
 def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
                 fmt: DiskFormat = DiskFormat.NATIVE) -> int:
     """Write one agent's cache to ``path`` atomically, its KV in ``fmt``, with a checksum
     of every array; returns the file's size."""
-    arrays, metadata = _contents(tag, entry, fmt)
-    arrays = {name: mx.contiguous(array) for name, array in arrays.items()}
-    mx.eval(arrays)
-    metadata["checksums"] = json.dumps({name: _checksum(a) for name, a in arrays.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
-        _write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
-    _write_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata))
-    return path.stat().st_size
+    return write_prepared(path, prepare_file(tag, entry, fmt))
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:

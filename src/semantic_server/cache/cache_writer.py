@@ -1,0 +1,86 @@
+"""Write-behind for agent caches: files written on a thread of their own.
+
+An LRU spill used to write its file on the engine thread, so every running stream stalled
+while 50-100 MB went to disk. Now the engine thread only prepares the file (its MLX part,
+``prepare_file``: zero-copy for native KV) and queues it; this thread checksums and writes
+it, retrying a failed write once. Results come back through ``done``, which the store
+reads on the engine thread (it alone changes the store's indexes).
+
+The queue is first in, first out with one writer, so two writes of one agent's file land
+in the order they were queued: the newest cache is the one left on disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from semantic_server.cache.cache_file import PreparedFile, write_prepared
+
+log = logging.getLogger(__name__)
+ATTEMPTS = 2  # a failed write is retried once: a transient error (EINTR, a busy disk) passes
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    number: int  # increasing: tells a job from a newer one of the same file
+    path: Path
+    prepared: PreparedFile
+
+
+@dataclass(frozen=True)
+class WriteDone:
+    job: WriteJob
+    size: int | None  # bytes written; None: every attempt failed
+    error: str | None = None
+
+
+class CacheWriter:
+    """One thread that writes prepared cache files in the order they were queued."""
+
+    def __init__(self, write: Callable[[Path, PreparedFile], int] = write_prepared) -> None:
+        self._write = write
+        self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
+        self._numbers = itertools.count(1)
+        self.done: deque[WriteDone] = deque()  # appended here, taken by the engine thread
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, prepared: PreparedFile) -> WriteJob:
+        job = WriteJob(next(self._numbers), path, prepared)
+        self._jobs.put(job)
+        return job
+
+    def flush(self) -> None:
+        """Wait until every queued file is written (or has failed)."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self.done.append(self._attempt(job))
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _attempt(self, job: WriteJob) -> WriteDone:
+        error = "not attempted"
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return WriteDone(job, self._write(job.path, job.prepared))
+            except Exception as exc:  # any failure: retried, then reported, never fatal
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("cache write failed (attempt %d of %d): %s", attempt, ATTEMPTS,
+                            error)
+        return WriteDone(job, None, error)
