@@ -33,12 +33,34 @@ def test_multi_turn_agent_reuses_its_cache(smol_server):
     assert cached >= turn1 - 4
     assert cached < second.usage.prompt_tokens
 
+    # A new agent with this history starts from what the first agent holds, and answers
+    # exactly as the first did
     fresh = smol_server.client("agent-never-seen").chat.completions.create(
         model=smol_server.model, messages=history, max_tokens=20, **GREEDY
     )
-    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.usage.prompt_tokens_details.cached_tokens == fresh.usage.prompt_tokens - 1
     assert fresh.choices[0].message.content == second.choices[0].message.content
     assert second.model == smol_server.model
+
+
+def test_new_agents_start_from_a_system_prompt_other_agents_hold(smol_server):
+    system = {"role": "system", "content": "You are the archive's assistant. " + " ".join(
+        f"Rule {i}: answer from the archive's ledgers only." for i in range(20))}
+    questions = ["Which ships came in 1820?", "Who kept the ledgers?"]
+
+    def ask(agent: str, question: str):
+        return smol_server.client(agent).chat.completions.create(
+            model=smol_server.model, max_tokens=12, **GREEDY,
+            messages=[system, {"role": "user", "content": question}])
+
+    reference = ask("archive-ref", questions[1])  # the first to send this system prompt
+    assert reference.usage.prompt_tokens_details.cached_tokens == 0
+    system_tokens = reference.usage.prompt_tokens - 20  # the question and template's tail
+    first = ask("archive-1", questions[0])
+    assert first.usage.prompt_tokens_details.cached_tokens >= system_tokens
+    second = ask("archive-2", questions[1])  # shares all but the last token with archive-ref
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == reference.choices[0].message.content
 
 
 def test_stream_joins_to_the_same_text(smol_server):

@@ -160,9 +160,17 @@ def test_api_keys_namespace_agents_and_prefixes(make_client):
     # the same agent id under another key is another agent: nothing of A's is reused
     assert turn("key-b", "shared-name", history)["usage"]["prompt_tokens_details"][
         "cached_tokens"] == 0
-    turn("key-a", None, history)  # anonymous prefixes are per tenant too
-    assert turn("key-b", None, history)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert turn("key-a", None, history)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    # a new agent of A starts from the prefix A's agent holds; B's agents never do
+    assert turn("key-a", "newcomer", history)["usage"]["prompt_tokens_details"][
+        "cached_tokens"] > 0
+    assert turn("key-b", "newcomer", history)["usage"]["prompt_tokens_details"][
+        "cached_tokens"] > 0  # from B's own shared-name, which sent this history above
+    only_a = [{"role": "user", "content": "A's own notes: the vault code is 7. " * 4}]
+    turn("key-a", "keeper", only_a)
+    turn("key-a", None, only_a)  # anonymous prefixes are per tenant too
+    assert turn("key-b", None, only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert turn("key-b", "spy", only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert turn("key-a", None, only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [

@@ -487,3 +487,30 @@ def test_files_written_from_prepared_buffers_read_back_exactly(tmp_path, dtype):
         for got, want in zip(theirs.state[:2], ours.state[:2], strict=True):
             used = want[..., : got.shape[2], :]  # the positions in use, not the padding
             assert got.dtype == want.dtype and mx.array_equal(got, used).item()
+
+
+def test_a_new_agent_starts_from_the_prefix_another_agent_of_its_tenant_holds(tmp_path):
+    pool = BlockPool(budget_bytes=2**20, block_tokens=4)
+    store = AgentCacheStore(pool, tmp_path)
+    store.add_model(TAG, DIMS)
+    held = list(range(60))
+    store.checkin(AgentCache("t1/old", _layers(60, window=64), held, TAG))
+    prompt = [*held[:56], 999, 998]  # shares 56 tokens with old's cache
+    seeded = store.checkout(TAG, "t1/new", prompt)
+    assert seeded is not None and seeded.tokens == held[:56]
+    assert [layer.offset for layer in seeded.layers] == [56, 56]
+    assert store.lookups[Lookup.SHARED_PREFIX] == 1 and store.lookups[Lookup.MISS] == 0
+    old = store.checkout(TAG, "t1/old")  # untouched by the copy and its trim
+    assert [layer.offset for layer in old.layers] == [60, 60] and old.tokens == held
+    store.checkin(old)
+    assert store.checkout(TAG, "t2/new", prompt) is None  # never across tenants
+    assert store.checkout(TAG.with_adapter("x@1"), "t1/other", prompt) is None  # nor adapters
+    assert store.checkout(TAG, "t1/short", [*held[:40], 7]) is None  # under 48 shared
+    assert store.lookups[Lookup.MISS] == 3
+
+
+def test_a_wrapped_window_seeds_no_one(tmp_path):
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path)
+    store.add_model(TAG, DIMS)
+    store.checkin(AgentCache("old", _layers(60), list(range(60)), TAG))  # window 16 wrapped
+    assert store.shared_prefix(TAG, [*list(range(56)), 5], None) is None

@@ -12,8 +12,8 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from semantic_server.cache.agent_store import Lookup
-from semantic_server.engine.batch_engine import fit_cache, reusable_prefix, token_out
+from semantic_server.cache.agent_store import Lookup, reusable_prefix
+from semantic_server.engine.batch_engine import fit_cache, token_out
 from semantic_server.engine.jobs import FinishReason, Job, SamplingParams
 from semantic_server.engine.service import Admitted, GenerationParams
 from semantic_server.errors import ModelNotFound, ModelNotLoaded

@@ -26,6 +26,7 @@ engine thread changes this class, so it needs no lock; reports copy before readi
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -34,6 +35,9 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import (
@@ -59,6 +63,9 @@ log = logging.getLogger(__name__)
 QUARANTINE = "quarantine"
 QUARANTINE_KEPT = 32  # rejected files kept for inspection; older ones are deleted
 HotKey = tuple[str, str]  # (tag digest, agent id): a hot cache in the pool
+# Tokens another agent's cache must share with a prompt to seed it: more than a chat
+# template's own header, so what is shared is the deployment's system prompt and tools.
+MIN_SHARED_PREFIX = 48
 
 
 class Lookup(StrEnum):
@@ -71,6 +78,8 @@ class Lookup(StrEnum):
     # a miss while the agent holds a cache made under another adapter of the same model:
     # never used under this one (it comes back when its adapter does)
     OTHER_ADAPTER = "other_adapter"
+    # the agent had no cache; it starts from the prefix another agent of its tenant holds
+    SHARED_PREFIX = "shared_prefix"
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,45 @@ class Pending:
     number: int  # its write job's
     entry: AgentCache
     nbytes: int  # what the file will take, for the disk budget
+
+
+def tenant_of(agent_id: str) -> str | None:
+    """The tenant an agent id belongs to ("<tenant>/<agent>" when API keys are set)."""
+    tenant, slash, _ = agent_id.partition("/")
+    return tenant if slash else None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many cached tokens a prompt reuses: their common prefix, but never the whole
+    prompt (the generator needs at least one new token to compute the next logits)."""
+    return min(common_prefix(cached, prompt), len(prompt) - 1)
+
+
+def prefix_copy(layers: list[Any], held: int, keep: int) -> list[Any] | None:
+    """A cache of the first ``keep`` of the ``held`` tokens ``layers`` hold, sharing their
+    arrays but never writing to them (each copy has its own array objects, and a batch
+    makes new arrays from them); None when the rest cannot be cut off (a sliding window
+    that has wrapped)."""
+    copies = []
+    for layer in layers:
+        twin = copy.copy(layer)
+        for name, value in vars(layer).items():
+            if isinstance(value, mx.array):
+                setattr(twin, name, value[...])
+        copies.append(twin)
+    if held > keep:
+        if not can_trim_prompt_cache(copies):
+            return None
+        trim_prompt_cache(copies, held - keep)
+    return copies
 
 
 def _mtime(path: Path) -> float:
@@ -182,9 +230,11 @@ class AgentCacheStore:
         return self.cache_dir / tag.digest / agent_file_name(agent_id)
 
     # ---- hot <-> checked out ---------------------------------------------------------
-    def checkout(self, tag: CacheTag, agent_id: str) -> AgentCache | None:
+    def checkout(self, tag: CacheTag, agent_id: str, prompt: list[int] | None = None,
+                 ) -> AgentCache | None:
         """The agent's cache for a request on ``tag``'s model: hot if resident, else from
-        disk, else None."""
+        disk; for an agent with none, the longest prefix of ``prompt`` that another agent
+        of its tenant holds hot (see :meth:`shared_prefix`); else None."""
         self.collect()
         key = (tag.digest, agent_id)
         entry = self._hot.pop(key, None)
@@ -203,9 +253,30 @@ class AgentCacheStore:
             self.lookups[Lookup.OTHER_ADAPTER] += 1
             log.info("agent cache not used: made under another adapter", extra={"fields": {
                 "model": tag.model_id, "adapter": tag.adapter, "cache_adapter": other}})
+        elif prompt is not None and (
+                entry := self.shared_prefix(tag, prompt, tenant_of(agent_id), agent_id)):
+            self.lookups[Lookup.SHARED_PREFIX] += 1
         else:
             self.lookups[Lookup.MISS] += 1
         return entry
+
+    def shared_prefix(self, tag: CacheTag, prompt: list[int], tenant: str | None,
+                      agent_id: str = "") -> AgentCache | None:
+        """A new cache for ``agent_id`` holding the longest prefix of ``prompt`` (at least
+        MIN_SHARED_PREFIX tokens, never all of it) that a hot cache on ``tag`` of an agent
+        of ``tenant`` holds: agents of one deployment share their system prompt and tools,
+        so a new agent need not prefill them again. That agent's cache stays as it is.
+        Never across tenants, models or adapters (the tag names the adapter)."""
+        best, length = None, MIN_SHARED_PREFIX - 1
+        for (digest, other), entry in self._hot.items():
+            if digest == tag.digest and tenant_of(other) == tenant:
+                shared = reusable_prefix(entry.tokens, prompt)
+                if shared > length:
+                    best, length = entry, shared
+        if best is None:
+            return None
+        layers = prefix_copy(best.layers, len(best.tokens), length)
+        return AgentCache(agent_id, layers, prompt[:length], tag) if layers else None
 
     def _other_adapter(self, tag: CacheTag, agent_id: str) -> str | None:
         """The adapter (or "none") of a cache this agent holds, hot or on disk, under

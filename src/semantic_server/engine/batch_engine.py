@@ -43,7 +43,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import apply_top_p
 
-from semantic_server.cache.agent_store import AgentCacheStore
+from semantic_server.cache.agent_store import AgentCacheStore, reusable_prefix
 from semantic_server.cache.cache_file import AgentCache, CacheTag
 from semantic_server.engine.adapter_rows import RoutedModel, with_row, without_row
 from semantic_server.engine.adapter_slots import AdapterSlots, SlotLoad
@@ -62,20 +62,6 @@ from semantic_server.models.adapters import Adapter
 from semantic_server.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
-    """How many cached tokens a prompt reuses: their common prefix, but never the whole
-    prompt (the generator needs at least one new token to compute the next logits)."""
-    return min(common_prefix(cached, prompt), len(prompt) - 1)
 
 
 def fit_cache(layers: list[Any], tokens: list[int], prompt: list[int],
@@ -422,8 +408,11 @@ class BatchEngine:
             layers, rest = lane.shared.fetch_nearest_cache(self._shared_key(lane, job),
                                                            job.prompt)
             tokens = job.prompt[: len(job.prompt) - len(rest)]
+            seed = self.store.shared_prefix(lane.tag_of(job), job.prompt, job.namespace)
+            if seed is not None and len(seed.tokens) > len(tokens):  # an agent holds more
+                layers, tokens = seed.layers, seed.tokens
             return fit_cache(layers, tokens, job.prompt) if layers is not None else (None, 0)
-        entry = self.store.checkout(lane.tag_of(job), job.agent_id)
+        entry = self.store.checkout(lane.tag_of(job), job.agent_id, job.prompt)
         if entry is None:
             return None, 0
         fitted, keep = fit_cache(entry.layers, entry.tokens, job.prompt)
