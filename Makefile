@@ -29,11 +29,12 @@ lint: $(INSTALLED)
 
 setup: $(INSTALLED) $(MODELS) $(ADAPTERS)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml scripts/install_services
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
 	./scripts/install_openblas
+	./scripts/install_services
 	touch $@
 
 $(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja src/semantic_server/models/gguf_import.py src/semantic_server/models/gguf_blocks.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -98,3 +100,47 @@ class ServerProcess:
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()
+
+
+class RedisProcess:
+    """A real ``redis-server`` from the system's packages on a free loopback port, with a
+    password and no persistence; stopped by its PID. Fails loudly when Redis is missing
+    (``scripts/install_services`` installs it)."""
+
+    def __init__(self, password: str = "test-redis-password") -> None:
+        self.password = password
+        self.port = free_port()
+        self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> RedisProcess:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run scripts/install_services")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--requirepass", self.password],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                if self.client().ping():
+                    return self
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)  # polling for readiness, not covering a race
+        raise RuntimeError(f"redis-server not ready after {timeout} s")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

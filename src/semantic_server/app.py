@@ -33,7 +33,9 @@ from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_file import write_prepared
 from semantic_server.cache.cache_writer import CacheWriter
+from semantic_server.cache.shared_store import SharedStore
 from semantic_server.config import Settings
 from semantic_server.engine.batch_engine import (
     BatchEngine,
@@ -81,6 +83,16 @@ class ServerContext:
                              self.orchestrator, frozenset(self.residency.pins))
 
 
+def shared_store(settings: Settings) -> SharedStore | None:
+    """The Redis store other servers share, when ``SEMANTIC_CACHE_STORE`` names one."""
+    url = settings.cache_store.get_secret_value()
+    if url == "file":
+        return None
+    shared = SharedStore(url, settings.redis_max_value_bytes)
+    log.info("agent caches shared through %s as %s", shared.where, shared.server_id)
+    return shared
+
+
 def kv_budget(settings: Settings) -> int:
     """The configured KV budget, or a quarter of the memory free at startup."""
     return settings.kv_budget_bytes or psutil.virtual_memory().available // 4
@@ -116,9 +128,11 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     registry = registry or ModelRegistry(catalog, settings.compute_dtype, adapters,
                                          settings.lora_slots, settings.lora_max_rank)
     pool = BlockPool(kv_budget(settings), settings.block_tokens)
+    shared = shared_store(settings)
+    writer = (CacheWriter(shared.write_through if shared else write_prepared)
+              if settings.cache_write_behind or shared else None)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
-                             disk_budget(settings), settings.cache_disk_format,
-                             CacheWriter() if settings.cache_write_behind else None)
+                             disk_budget(settings), settings.cache_disk_format, writer, shared)
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries,
@@ -136,7 +150,8 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
         frozenset(settings.pinned_models), settings.keep_alive_seconds))
     service = GenerationService(engine, gate, versions, catalog, metrics,
                                 settings.max_context_tokens, settings.max_queued, adapters,
-                                residency, settings.load_on_demand)
+                                residency, settings.load_on_demand,
+                                settings.agent_lease_seconds)
     engine.start()
     log.info("BLAS: %s", blas_status().detail)
     try:

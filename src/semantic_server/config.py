@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -128,6 +128,25 @@ class Settings(BaseSettings):
         "keep-alive never make leave.")
     max_model_queue: int = Field(
         32, gt=0, description="Requests that may wait for one model to load; more get 429.")
+    cache_store: SecretStr = Field(
+        SecretStr("file"), description="Where cold caches live: file (this server's "
+        "folder) or redis://[:password@]host:port/db (the folder, and Redis, which other "
+        "servers read: any server resumes any agent). A secret: it may hold a password.")
+    redis_max_value_bytes: int = Field(
+        256 * 2**20, gt=0, description="Caches whose file is larger stay in the local "
+        "folder only.")
+    @field_validator("cache_store")
+    @classmethod
+    def _known_store(cls, store: SecretStr) -> SecretStr:
+        """The message never quotes the value: it may hold a password."""
+        value = store.get_secret_value()
+        if value != "file" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be file or a redis:// or rediss:// URL")
+        return store
+
+    agent_lease_seconds: float = Field(
+        30.0, gt=0, description="With Redis: how long an agent's lease lasts unless its "
+        "server renews it (a server that dies frees its agents after this long).")
     cache_write_behind: bool = Field(
         True, description="Write caches evicted to make room on a writer thread, so running "
         "streams do not stall on the disk (a swap and shutdown still wait for every write); "

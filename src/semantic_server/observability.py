@@ -117,6 +117,13 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("semantic_cache_write_failures",
                                   "Agent cache files that could not be written (a full disk)",
                                   value=state.write_failures)
+        shared = CounterMetricFamily("semantic_redis_errors",
+                                     "Calls to the shared Redis store that failed, by operation "
+                                     "(the server served on from memory and its folder)",
+                                     labels=["operation"])
+        for operation in ("put", "get", "delete", "lease"):
+            shared.add_metric([operation], state.shared_errors.get(operation, 0))
+        yield shared
         yield CounterMetricFamily("semantic_cache_disk_deletions",
                                   "Cold agent caches deleted to keep within the disk budget",
                                   value=state.disk_deletions)

@@ -8,7 +8,7 @@ take one at any time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from semantic_server.blas import blas_status
@@ -72,6 +72,7 @@ class ServerSnapshot:
     memory: MemorySnapshot
     blas: str
     pinned: frozenset[str] = frozenset()  # models load on demand and keep-alive never unload
+    shared_errors: dict[str, int] = field(default_factory=dict)  # failed Redis calls
 
     def model_state(self, model_id: str) -> str:
         """Where a model is: serving (resident: the default or beside it), loading,
@@ -151,4 +152,5 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
         memory=MemorySnapshot.now(),
         blas=blas_status().name,
         pinned=pinned,
+        shared_errors=dict(store.shared.errors) if store.shared else {},
     )

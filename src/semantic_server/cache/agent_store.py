@@ -26,6 +26,7 @@ engine thread changes this class, so it needs no lock; reports copy before readi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -52,9 +53,11 @@ from semantic_server.cache.cache_file import (
     read_cache,
     read_summary,
     read_tag_file,
+    write_atomically,
     write_cache,
 )
 from semantic_server.cache.cache_writer import CacheWriter
+from semantic_server.cache.shared_store import SharedStore
 from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import ModelDims
@@ -162,10 +165,12 @@ class AgentCacheStore:
     def __init__(self, pool: BlockPool, cache_dir: Path, reuse: CacheReuse = CacheReuse.EXACT,
                  disk_budget_bytes: int | None = None,
                  disk_format: DiskFormat = DiskFormat.NATIVE,
-                 writer: CacheWriter | None = None) -> None:
+                 writer: CacheWriter | None = None, shared: SharedStore | None = None,
+                 ) -> None:
         """``disk_format``: how the files this store writes hold their KV (it reads every
         format). ``writer``: spills are written behind by it (None: on the caller's
-        thread)."""
+        thread). ``shared``: the Redis store other servers read (its writer writes through
+        to it), which this store writes back to at the end of every agent turn."""
         self.pool = pool
         self.cache_dir = Path(cache_dir)
         self.reuse = CacheReuse(reuse)
@@ -180,6 +185,8 @@ class AgentCacheStore:
         self._hot: dict[HotKey, AgentCache] = {}
         self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
         self.writer = writer
+        self.shared = shared
+        self.written_back: dict[str, int] = {}  # agent -> its newest write job to Redis
         self._pending: dict[Path, Pending] = {}  # spills the writer has not finished
 
     def _scan(self) -> dict[Path, tuple[int, float]]:
@@ -310,6 +317,11 @@ class AgentCacheStore:
         key = (self._tag(entry).digest, entry.agent_id)
         self._hot[key] = entry
         self.pool.allocate(key, need)
+        if self.shared is not None and self.writer is not None:  # the turn's write-back
+            tag = self._tag(entry)
+            job = self.writer.submit(self._path(tag, entry.agent_id),
+                                     prepare_file(tag, entry, self.disk_format))
+            self.written_back[entry.agent_id] = job.number
 
     @staticmethod
     def _tag(entry: AgentCache) -> CacheTag:
@@ -403,6 +415,8 @@ class AgentCacheStore:
         tag = self._tag(entry)
         path = self._path(tag, entry.agent_id)
         job = self.writer.submit(path, prepare_file(tag, entry, self.disk_format))
+        if self.shared is not None:
+            self.written_back[entry.agent_id] = job.number
         self._pending[path] = Pending(job.number, entry,
                                       estimated_file_bytes(tag, entry, self.disk_format))
 
@@ -445,6 +459,46 @@ class AgentCacheStore:
         """Write what is queued and stop the writer (at shutdown, after ``evict_all``)."""
         if self.writer is not None:
             self.writer.close()
+        if self.shared is not None:
+            self.shared.close()
+
+    # ---- the shared store ------------------------------------------------------------
+    def refresh(self, tag: CacheTag, agent_id: str) -> bool:
+        """Bring the shared copy of the agent's cache into the folder when it is newer
+        (holds more tokens: a history only grows) than what this server holds; True when
+        this server holds an older copy hot, which the caller must drop (on the engine
+        thread) for the newer one to be used. Called off the engine thread before the
+        agent's turn, under its lease: this reads the store's indexes only as a hint."""
+        if self.shared is None:
+            return False
+        path = self._path(tag, agent_id)
+        remote = self.shared.tokens(path)
+        if remote is None or path in self._pending:  # a spill of it is being written
+            return False
+        hot = self._hot.get((tag.digest, agent_id))
+        held = len(hot.tokens) if hot is not None else self._file_tokens(path)
+        if remote <= held or (data := self.shared.get(path)) is None:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if read_tag_file(path.parent) != tag:
+            write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
+        write_atomically(path, lambda tmp: tmp.write_bytes(data))
+        log.info("agent cache taken from the shared store", extra={"fields": {
+            "model": tag.model_id, "tokens": remote, "held": held}})
+        return hot is not None
+
+    @staticmethod
+    def _file_tokens(path: Path) -> int:
+        try:
+            return int(read_summary(path)["tokens"])
+        except Exception:  # no file, or one the next read will reject: it holds nothing
+            return 0
+
+    def drop_hot(self, tag: CacheTag, agent_id: str) -> None:
+        """Forget this server's hot copy of the agent's cache: a newer one is on disk."""
+        key = (tag.digest, agent_id)
+        if self._hot.pop(key, None) is not None:
+            self.pool.release(key)
 
     # ---- disk ------------------------------------------------------------------------
     def _write(self, entry: AgentCache) -> None:
@@ -514,6 +568,9 @@ class AgentCacheStore:
                 log.warning("cache file %s rejected: %s", path.name, exc)
                 self._quarantine(path, str(exc))
                 continue
+            if path not in self._cold:  # a file the shared store brought
+                with contextlib.suppress(OSError):
+                    self._cold[path] = (path.stat().st_size, _mtime(path))
             return replace(entry, tag=tag)  # hot from now on: it belongs to this model
         return None
 
@@ -537,8 +594,11 @@ class AgentCacheStore:
                                  f"{theirs.fingerprint}); set SEMANTIC_CACHE_REUSE=dims to reuse")
 
     def _quarantine(self, path: Path, reason: str) -> None:
-        """Move a rejected file aside with its reason; keep only the newest few."""
+        """Move a rejected file aside with its reason; keep only the newest few. Its shared
+        copy, if any, is deleted: it is the same bytes."""
         self._cold.pop(path, None)
+        if self.shared is not None:
+            self.shared.delete(path)
         target = self.cache_dir / QUARANTINE
         target.mkdir(parents=True, exist_ok=True)
         name = f"{path.parent.name}-{path.stem}-{int(time.time() * 1000)}"

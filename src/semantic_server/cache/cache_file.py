@@ -264,8 +264,8 @@ def write_prepared(path: Path, prepared: PreparedFile) -> int:
     tag = prepared.tag
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
-        _write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
-    _write_atomically(path, write)
+        write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
+    write_atomically(path, write)
     return path.stat().st_size
 
 
@@ -276,7 +276,7 @@ def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
     return write_prepared(path, prepare_file(tag, entry, fmt))
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a temporary file beside ``path``, fsync, rename: a crash or a full disk
     leaves the old file or the new one, never part of one."""
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")

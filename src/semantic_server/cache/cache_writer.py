@@ -49,6 +49,8 @@ class CacheWriter:
         self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
         self._numbers = itertools.count(1)
         self.done: deque[WriteDone] = deque()  # appended here, taken by the engine thread
+        self._finished = 0  # the number of the last job done (jobs end in their order)
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
 
@@ -56,6 +58,11 @@ class CacheWriter:
         job = WriteJob(next(self._numbers), path, prepared)
         self._jobs.put(job)
         return job
+
+    def wait(self, number: int, timeout: float) -> bool:
+        """Wait until job ``number`` (and every job before it) is done; False on timeout."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self._finished >= number, timeout)
 
     def flush(self) -> None:
         """Wait until every queued file is written (or has failed)."""
@@ -71,6 +78,9 @@ class CacheWriter:
             try:
                 self.done.append(self._attempt(job))
             finally:
+                with self._progress:
+                    self._finished = job.number
+                    self._progress.notify_all()
                 self._jobs.task_done()
         self._jobs.task_done()
 

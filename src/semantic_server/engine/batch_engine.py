@@ -301,6 +301,11 @@ class BatchEngine:
             LRUPromptCache(*self._shared_limits),
             slots=AdapterSlots(lora.slots, lora.write) if lora is not None else None)
 
+    def tag_for(self, loaded: LoadedModel, adapter: Adapter | None) -> CacheTag:
+        """The tag of the caches a request on ``loaded`` with ``adapter`` reads and makes
+        (any thread: one lookup)."""
+        return self._lanes[loaded].tag.with_adapter(adapter.key if adapter else None)
+
     def load_adapter(self, loaded: LoadedModel, adapter: Adapter) -> SlotLoad:
         """Copy ``adapter`` into a free slot of ``loaded``'s prepared layers, between two
         steps (engine thread only); the running jobs keep theirs."""

@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,6 +68,7 @@ class Residency(Protocol):
 log = logging.getLogger(__name__)
 
 LOAD_ATTEMPTS = 3  # how often a request brings its model back before a 503
+LEASE_POLL_SECONDS = 0.05  # how often a turn asks again for a lease another server holds
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,8 @@ class GenerationService:
     def __init__(self, engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
                  catalog: ModelCatalog, observer: Observer, max_context_tokens: int,
                  max_queued: int = 64, adapters: AdapterCatalog | None = None,
-                 residency: Residency | None = None, load_on_demand: bool = False) -> None:
+                 residency: Residency | None = None, load_on_demand: bool = False,
+                 lease_seconds: float = 30.0) -> None:
         """``residency``, when given, hears when requests start and end on a model (for
         keep-alive and recency) and, with ``load_on_demand``, loads the models they name."""
         self.engine = engine
@@ -298,6 +300,7 @@ class GenerationService:
         self.adapters = adapters
         self.residency = residency
         self.load_on_demand = load_on_demand
+        self.lease_seconds = lease_seconds  # with a shared store: an agent lease's life
         self.observer = observer
         self.max_context_tokens = max_context_tokens
         self.max_queued = max_queued
@@ -317,6 +320,52 @@ class GenerationService:
         if self.waiting >= self.max_queued:
             raise QueueFull(f"{self.waiting} requests are already waiting; retry shortly",
                             retry_after=1)
+
+    @asynccontextmanager
+    async def _lease(self, agent_id: str) -> AsyncIterator[None]:
+        """With a shared store, hold the agent's lease for the turn, so no other server
+        runs it meanwhile: wait for another server's turn to end (within the hold), then
+        409 ``agent_busy``. Without Redis to ask, the turn runs (the README says so)."""
+        shared = self.engine.store.shared
+        if shared is None:
+            yield
+            return
+        deadline = time.monotonic() + self.gate.hold_seconds
+        while (taken := await asyncio.to_thread(shared.acquire, agent_id,
+                                                self.lease_seconds)) is False:
+            if time.monotonic() >= deadline:
+                raise AgentBusy("another server is running this agent's turn; retry when it "
+                                "ends", retry_after=max(1, round(self.gate.hold_seconds)))
+            await asyncio.sleep(LEASE_POLL_SECONDS)  # polling another server, with a deadline
+        renewal = asyncio.create_task(self._renew(agent_id)) if taken else None
+        try:
+            yield
+        finally:
+            if renewal is not None:
+                renewal.cancel()
+                try:
+                    await self._written_back(agent_id)
+                finally:  # the lease goes back whatever happened to the write
+                    await asyncio.to_thread(shared.release, agent_id)
+
+    async def _written_back(self, agent_id: str) -> None:
+        """Wait until the turn's cache is in the shared store, so the next server to take
+        the lease finds it there (within the hold; a slow write is logged, not fatal)."""
+        store = self.engine.store
+        # on the engine thread: after the turn's own cache went back (a job cut by a stop
+        # string is cancelled after its last token was sent)
+        number = await self.engine.on_thread(lambda: store.written_back.pop(agent_id, None))
+        if number is not None and store.writer is not None and not await asyncio.to_thread(
+                store.writer.wait, number, self.gate.hold_seconds):
+            log.warning("an agent's cache was not written back within %.0f s",
+                        self.gate.hold_seconds)
+
+    async def _renew(self, agent_id: str) -> None:
+        shared = self.engine.store.shared
+        assert shared is not None
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.to_thread(shared.renew, agent_id, self.lease_seconds)
 
     async def _agent_turn(self, users: _AgentLock) -> None:
         """Wait for the agent's previous request to end: a held request, within the hold.
@@ -399,7 +448,7 @@ class GenerationService:
         try:
             await self._agent_turn(users)
             try:
-                async with aclosing(run):
+                async with self._lease(agent_id), aclosing(run):
                     async for item in run:
                         yield item
             finally:
@@ -463,6 +512,11 @@ class GenerationService:
                       request_id: str | None, tenant: str | None,
                       ) -> AsyncIterator[Admitted | str | TokenLogprob | Outcome]:
         served = f"{loaded.model_id}:{adapter.name}" if adapter else loaded.model_id
+        store = self.engine.store
+        if agent_id is not None and store.shared is not None:  # another server's newer copy
+            tag = self.engine.tag_for(loaded, adapter)
+            if await asyncio.to_thread(store.refresh, tag, agent_id):
+                await self.engine.on_thread(lambda: store.drop_hot(tag, agent_id))
         rendered = (await asyncio.to_thread(request, loaded.tokenizer) if callable(request)
                     else Rendered(request, grammar=params.grammar))
         prompt = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
