@@ -1,0 +1,88 @@
+"""The shared store against a real Redis (started on a free port, stopped by PID): leases
+exclude, a value that fails its checksum is deleted and the agent prefills, a cache over
+the size limit stays local, and a Redis that is down is counted, never fatal, and never
+shows its password."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from experiments.servers import RedisProcess, free_port
+from semantic_server.cache.agent_store import AgentCacheStore, Lookup
+from semantic_server.cache.block_pool import BlockPool
+from semantic_server.cache.cache_file import AgentCache, agent_file_name, prepare_file
+from semantic_server.cache.shared_store import SharedStore
+from tests.polling import wait_for
+from tests.unit.test_cache_store import DIMS, TAG, _layers
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+def _store(tmp_path, shared: SharedStore) -> AgentCacheStore:
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), tmp_path,
+                            shared=shared)
+    store.add_model(TAG, DIMS)
+    return store
+
+
+def test_a_lease_is_one_servers_until_released_or_expired(redis_server):
+    one, two = (SharedStore(redis_server.url, 2**20) for _ in range(2))
+    assert one.acquire("agent", 30) is True
+    assert two.acquire("agent", 30) is False
+    two.release("agent")  # not two's to release
+    assert two.acquire("agent", 30) is False
+    one.release("agent")
+    assert two.acquire("agent", 0.2) is True  # two dies without releasing it...
+    client = redis_server.client()
+    wait_for(lambda: client.get(SharedStore.lease_key("agent")) is None, timeout=10)
+    assert one.acquire("agent", 30) is True  # ...and its lease expires
+    two.renew("agent", 30)  # never another's: one still holds it
+    assert client.get(SharedStore.lease_key("agent")).decode() == one.server_id
+
+
+def test_a_shared_value_that_fails_its_checksum_is_deleted_and_the_agent_prefills(
+        tmp_path, redis_server):
+    shared = SharedStore(redis_server.url, 2**20)
+    writer = _store(tmp_path / "one", shared)
+    path = tmp_path / "one" / TAG.digest / agent_file_name("a")
+    shared.write_through(path, prepare_file(TAG, AgentCache("a", _layers(8), list(range(8)),
+                                                            TAG)))
+    key = SharedStore.cache_key(path)
+    client = redis_server.client()
+    damaged = bytearray(client.get(key))
+    damaged[-5] ^= 0xFF  # a flipped byte inside the last array
+    client.set(key, bytes(damaged))
+    reader = _store(tmp_path / "two", shared)
+    assert reader.refresh(TAG, "a") is False  # downloaded (it held nothing hot)
+    assert reader.checkout(TAG, "a") is None  # the checksum failed: a miss, it prefills
+    assert reader.lookups[Lookup.REJECTED] == 1
+    assert client.get(key) is None  # deleted, so no server takes it again
+    del writer
+
+
+def test_a_cache_over_the_value_limit_stays_local(tmp_path, redis_server):
+    shared = SharedStore(redis_server.url, max_value_bytes=1000)
+    path = tmp_path / TAG.digest / agent_file_name("big")
+    size = shared.write_through(path, prepare_file(TAG, AgentCache("big", _layers(8),
+                                                                   list(range(8)), TAG)))
+    assert size > 1000 and path.exists()
+    assert redis_server.client().get(SharedStore.cache_key(path)) is None
+
+
+def test_redis_down_is_counted_and_its_password_never_shown(caplog):
+    url = f"redis://:very-secret-password@127.0.0.1:{free_port()}/0"  # nobody listens
+    shared = SharedStore(url, 2**20)
+    with caplog.at_level(logging.DEBUG):
+        assert shared.acquire("agent", 30) is None  # cannot say: the turn runs
+        assert shared.get(Path("folder/file.safetensors")) is None
+    assert shared.errors["lease"] == 1
+    assert shared.where == f"redis://127.0.0.1:{url.rsplit(':', 1)[1]}"
+    assert "very-secret-password" not in caplog.text and "very-secret" not in shared.where
