@@ -144,3 +144,52 @@ class RedisProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class NginxProcess:
+    """nginx from the system's packages on a free loopback port, in front of ``upstreams``
+    (``deploy/nginx.conf.template``: agents spread by consistent hashing of X-Agent-ID);
+    stopped by its PID."""
+
+    TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
+
+    def __init__(self, upstreams: list[str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = Path(tempfile.mkdtemp(prefix="semantic-nginx-"))
+        servers = "\n".join(f"        server {u.removeprefix('http://')} max_fails=1 "
+                            f"fail_timeout=10s;" for u in upstreams)
+        user = "user root;" if os.geteuid() == 0 else ""  # workers need a user as root
+        self.config = self.prefix / "nginx.conf"
+        self.config.write_text(self.TEMPLATE.read_text().format(
+            prefix=self.prefix, servers=servers, port=self.port, user=user))
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> NginxProcess:
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                          else None)
+        if binary is None:
+            raise RuntimeError("nginx is not installed: run scripts/install_services")
+        self.process = subprocess.Popen(
+            [binary, "-p", str(self.prefix), "-c", str(self.config), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = self.prefix / "error.log"
+                raise RuntimeError(f"nginx exited: {log.read_text() if log.exists() else ''}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)  # polling for readiness, not covering a race
+        raise RuntimeError(f"nginx not listening after {timeout} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -2,9 +2,10 @@
 (``SEMANTIC_CACHE_STORE=redis://``), through the official OpenAI client.
 
 An agent's history built on one server continues warm on the other; two turns of one agent
-sent to both servers at once never run at once; a server killed with ``kill -9`` loses
-none of its agents' finished turns; Redis stopped and restarted under traffic fails no
-request; and the Redis password appears in no log.
+sent to both servers at once never run at once; behind nginx (agents spread by
+consistent hashing), a server killed with ``kill -9`` loses none of its agents' finished
+turns: they fail over to the other and resume warm; Redis stopped and restarted under
+traffic fails no request; and the Redis password appears in no log.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import time
 
 import httpx
 import pytest
+from openai import OpenAI
 
-from experiments.servers import RedisProcess, ServerProcess
+from experiments.servers import NginxProcess, RedisProcess, ServerProcess
 from tests.conftest import SMOLLM2
 from tests.e2e.helpers import HISTORY, KEY, scrape, value
 
-NOTES = [{"role": "user", "content": HISTORY[:1600] + "Summarise my notes."}]
+NOTES = [{"role": "user", "content": HISTORY[:800] + "Summarise my notes."}]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,10 @@ def pair(redis_server):
         assert redis_server.password not in server.output()
 
 
-def turn(server: ServerProcess, agent: str, messages: list[dict], max_tokens: int = 8):
-    reply = server.client(agent).chat.completions.create(
+def turn(url: str, agent: str, messages: list[dict], max_tokens: int = 8):
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300,
+                    default_headers={"X-Agent-ID": agent})
+    reply = client.chat.completions.create(
         model=SMOLLM2, messages=messages, max_tokens=max_tokens, temperature=0)
     details = reply.usage.prompt_tokens_details
     return reply.choices[0].message.content, reply.usage.prompt_tokens, details.cached_tokens
@@ -51,12 +55,12 @@ def turn(server: ServerProcess, agent: str, messages: list[dict], max_tokens: in
 def test_an_agents_history_continues_warm_on_the_other_server(pair):
     one, two = pair
     history = list(NOTES)
-    reply, prompt, _ = turn(one, "traveller", history)
+    reply, prompt, _ = turn(one.url, "traveller", history)
     history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "More."}]
-    reply, prompt_two, cached = turn(two, "traveller", history)
+    reply, prompt_two, cached = turn(two.url, "traveller", history)
     assert cached >= 0.9 * prompt, (cached, prompt)  # server 1's cache, from Redis
     history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on."}]
-    _, _, cached_back = turn(one, "traveller", history)  # back: server 1's own copy is older
+    _, _, cached_back = turn(one.url, "traveller", history)  # back: server 1's own copy is older
     assert cached_back >= 0.9 * prompt_two, (cached_back, prompt_two)
 
 
@@ -91,7 +95,7 @@ def test_redis_down_and_back_fails_no_request(redis_server, pair):
     history = [{"role": "user", "content": "While Redis is away: " + HISTORY[:600]}]
     previous = 0
     for _ in range(3):  # served from memory and the folder
-        reply, prompt, cached = turn(one, "steady", history)
+        reply, prompt, cached = turn(one.url, "steady", history)
         assert cached >= 0.9 * previous
         previous = prompt
         history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And?"}]
@@ -101,15 +105,27 @@ def test_redis_down_and_back_fails_no_request(redis_server, pair):
     key = None
     while key is None:  # Redis is used again once it is back
         assert time.monotonic() < deadline, "the server never wrote to Redis again"
-        turn(one, "steady", history)
+        turn(one.url, "steady", history)
         key = next(iter(redis_server.client().scan_iter("semantic:cache:*")), None)
 
 
-def test_a_killed_servers_agents_continue_warm_elsewhere(pair):
+def test_a_killed_servers_agents_continue_warm_elsewhere_behind_nginx(pair):
     one, two = pair  # the module's last test: server 1 does not come back
-    history = [{"role": "user", "content": "Before the crash: " + HISTORY[:1200]}]
-    reply, prompt, _ = turn(one, "survivor", history)
-    one.stop(signal.SIGKILL)
-    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "On."}]
-    _, _, cached = turn(two, "survivor", history)
-    assert cached >= 0.9 * prompt, (cached, prompt)
+    nginx = NginxProcess([one.url, two.url]).start()
+    try:
+        agents = [f"crew-{i}" for i in range(4)]  # spread over both replicas by their ids
+        histories = {a: [{"role": "user", "content": f"{a}: " + HISTORY[:600]}] for a in agents}
+        prompts = {}
+        before = value(scrape(one), "semantic_request_seconds_count")
+        for agent in agents:
+            reply, prompts[agent], _ = turn(nginx.url, agent, histories[agent])
+            histories[agent] += [{"role": "assistant", "content": reply},
+                                 {"role": "user", "content": "On."}]
+        served_by_one = value(scrape(one), "semantic_request_seconds_count") - before
+        assert 0 < served_by_one < len(agents)  # consistent hashing used both replicas
+        one.stop(signal.SIGKILL)
+        for agent in agents:  # one's agents fail over to two and resume from Redis
+            _, _, cached = turn(nginx.url, agent, histories[agent])
+            assert cached >= 0.9 * prompts[agent], (agent, cached, prompts[agent])
+    finally:
+        nginx.stop()
