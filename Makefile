@@ -1,6 +1,6 @@
 # The README's two commands: `make serve` and `make test`. Both set up everything from
-# nothing: the virtualenv, the package, OpenBLAS on Linux, the two real models and the two
-# LoRA adapters trained on one of them.
+# nothing: the virtualenv, the package, OpenBLAS on Linux, Redis and nginx (for the tests
+# of several servers), the two real models and the two LoRA adapters trained on one of them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
