@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from experiments.servers import free_port
+from experiments.servers import free_port, stop_process
 from semantic_server.blas import blas_status
 
 
@@ -103,10 +103,4 @@ class MlxLmServer:
         raise RuntimeError(f"mlx_lm.server not ready after {timeout} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)

@@ -28,6 +28,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM,
+                 timeout: float = 60) -> int | None:
+    """Send ``sig`` to a child still running, wait for it (killing it after ``timeout``),
+    and return its exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class ServerProcess:
     """``python -m semantic_server serve`` with the given settings (SEMANTIC_* variables)."""
 
@@ -79,14 +95,7 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
     def client(self, agent: str | None = None) -> openai.OpenAI:
         headers = {"X-Agent-ID": agent} if agent else None
@@ -137,13 +146,7 @@ class RedisProcess:
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 class NginxProcess:
@@ -186,10 +189,4 @@ class NginxProcess:
         raise RuntimeError(f"nginx not listening after {timeout} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
