@@ -6,6 +6,7 @@ any settings, and nothing else in the package holds global state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import socket
@@ -179,7 +180,7 @@ async def stop_server(server: ServerContext) -> None:
     except (CacheWriteError, EngineStopped) as exc:  # the process ends anyway; older files
         log.error("some agent caches were lost at exit: %s", exc)  # stay valid
     finally:
-        server.store.close()
+        await asyncio.to_thread(server.store.close)  # the writer's last files
         server.engine.shutdown()
 
 

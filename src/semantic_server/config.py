@@ -35,7 +35,8 @@ class DiskFormat(StrEnum):
 class Settings(BaseSettings):
     """Server settings; each field is also the environment variable ``SEMANTIC_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="SEMANTIC_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SEMANTIC_", extra="ignore",
+                                      hide_input_in_errors=True)  # values may be secrets
 
     # Models
     model: str = Field(

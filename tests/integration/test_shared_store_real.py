@@ -33,19 +33,32 @@ def _store(tmp_path, shared: SharedStore) -> AgentCacheStore:
     return store
 
 
-def test_a_lease_is_one_servers_until_released_or_expired(redis_server):
+def test_a_lease_is_one_turns_until_released_or_expired(redis_server):
     one, two = (SharedStore(redis_server.url, 2**20) for _ in range(2))
-    assert one.acquire("agent", 30) is True
-    assert two.acquire("agent", 30) is False
-    two.release("agent")  # not two's to release
-    assert two.acquire("agent", 30) is False
-    one.release("agent")
-    assert two.acquire("agent", 0.2) is True  # two dies without releasing it...
+    first, second, third = one.turn_token(), two.turn_token(), one.turn_token()
+    assert one.acquire("agent", first, 30) is True
+    assert two.acquire("agent", second, 30) is False
+    assert one.acquire("agent", third, 30) is False  # this server's next turn waits too
+    two.release("agent", second)  # not its lease to free
+    one.release("agent", third)
+    assert two.acquire("agent", second, 30) is False
+    one.release("agent", first)
+    assert two.acquire("agent", second, 0.2) is True  # two dies without releasing it...
     client = redis_server.client()
     wait_for(lambda: client.get(SharedStore.lease_key("agent")) is None, timeout=10)
-    assert one.acquire("agent", 30) is True  # ...and its lease expires
-    two.renew("agent", 30)  # never another's: one still holds it
-    assert client.get(SharedStore.lease_key("agent")).decode() == one.server_id
+    assert one.acquire("agent", third, 30) is True  # ...and its lease expires
+    two.renew("agent", second, 30)  # never another's: one's turn still holds it
+    assert client.get(SharedStore.lease_key("agent")).decode() == third
+
+
+def test_an_older_copy_never_replaces_a_newer_shared_one(tmp_path, redis_server):
+    shared = SharedStore(redis_server.url, 2**20)
+    path = tmp_path / TAG.digest / agent_file_name("late")
+    for tokens in (12, 8):  # another server's newer turn, then this one's late spill
+        shared.write_through(path, prepare_file(TAG, AgentCache(
+            "late", _layers(tokens), list(range(tokens)), TAG)))
+    assert shared.tokens(path) == 12
+    assert len(redis_server.client().get(SharedStore.cache_key(path))) > path.stat().st_size
 
 
 def test_a_shared_value_that_fails_its_checksum_is_deleted_and_the_agent_prefills(
@@ -81,7 +94,7 @@ def test_redis_down_is_counted_and_its_password_never_shown(caplog):
     url = f"redis://:very-secret-password@127.0.0.1:{free_port()}/0"  # nobody listens
     shared = SharedStore(url, 2**20)
     with caplog.at_level(logging.DEBUG):
-        assert shared.acquire("agent", 30) is None  # cannot say: the turn runs
+        assert shared.acquire("agent", shared.turn_token(), 30) is None  # the turn runs
         assert shared.get(Path("folder/file.safetensors")) is None
     assert shared.errors["lease"] == 1
     assert shared.where == f"redis://127.0.0.1:{url.rsplit(':', 1)[1]}"

@@ -217,3 +217,11 @@ async def test_a_full_model_queue_is_a_429(start, fake_models):
     assert full.value.retry_after > 0
     fake_models["fake-b"].load_gate.set()
     assert [(await t).text for t in queued] == ["B here."] * 2
+
+
+def test_a_keep_alive_without_load_on_demand_is_a_400(make_client):
+    client = make_client()  # load on demand off: only an admin changes models
+    chat = {"messages": [{"role": "user", "content": "hi"}], "keep_alive": "5m"}
+    refused = client.post("/v1/chat/completions", json=chat)
+    assert refused.status_code == 400 and "SEMANTIC_LOAD_ON_DEMAND" in refused.text
+    assert refused.json()["error"]["param"] == "keep_alive"

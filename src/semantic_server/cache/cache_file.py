@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -215,7 +216,7 @@ _SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"
 class PreparedFile:
     """A cache file's contents, off the batch's arrays: evaluated, and seen through
     zero-copy buffers that keep them alive, so any thread can write them without an MLX
-    call (the arrays never change: MLX arrays are immutable)."""
+    call (their data is shared with the cache, so MLX never updates it in place)."""
 
     tag: CacheTag
     metadata: dict[str, str]
@@ -232,9 +233,11 @@ def prepare_file(tag: CacheTag, entry: AgentCache,
     views = []
     for name, array in arrays.items():
         dtype = _SAFETENSORS_DTYPES[array.dtype]
-        if array.dtype == mx.bfloat16:  # the buffer protocol has no bfloat16: same bytes
-            array = array.view(mx.uint16)
-            mx.eval(array)
+        # an array object of its own over the same data: the data is then shared, so MLX
+        # never reuses its buffer in place (it would if a cache layer updated its own
+        # array with no other holder) while the writer reads it
+        array = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array[...]
+        mx.eval(array)
         views.append((name, dtype, tuple(array.shape), memoryview(array)))
     return PreparedFile(tag, metadata, views)
 
@@ -279,7 +282,10 @@ def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a temporary file beside ``path``, fsync, rename: a crash or a full disk
     leaves the old file or the new one, never part of one."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # the pid (a file a killed process left is found at startup) and the thread: two
+    # threads writing one path never share a temporary file
+    temporary = path.with_name(
+        f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
     try:
         write(temporary)
         with temporary.open("rb+") as handle:

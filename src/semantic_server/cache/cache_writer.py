@@ -50,6 +50,7 @@ class CacheWriter:
         self._numbers = itertools.count(1)
         self.done: deque[WriteDone] = deque()  # appended here, taken by the engine thread
         self._finished = 0  # the number of the last job done (jobs end in their order)
+        self.on_done: Callable[[], None] | None = None  # told after each job (the engine)
         self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
@@ -59,10 +60,9 @@ class CacheWriter:
         self._jobs.put(job)
         return job
 
-    def wait(self, number: int, timeout: float) -> bool:
-        """Wait until job ``number`` (and every job before it) is done; False on timeout."""
-        with self._progress:
-            return self._progress.wait_for(lambda: self._finished >= number, timeout)
+    def finished(self, number: int) -> bool:
+        """Whether job ``number`` (and every job before it) is done."""
+        return self._finished >= number
 
     def flush(self) -> None:
         """Wait until every queued file is written (or has failed)."""
@@ -81,6 +81,8 @@ class CacheWriter:
                 with self._progress:
                     self._finished = job.number
                     self._progress.notify_all()
+                if self.on_done is not None:
+                    self.on_done()
                 self._jobs.task_done()
         self._jobs.task_done()
 

@@ -45,6 +45,11 @@ _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
          "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
            "return redis.call('del', KEYS[1]) else return 0 end"
+# Share a cache unless the shared copy holds more tokens (a newer turn, from another
+# server): an older copy spilled late never replaces a newer one.
+_PUT = "local held = tonumber(redis.call('get', KEYS[2]) or '-1') " \
+       "if held > tonumber(ARGV[2]) then return 0 end " \
+       "redis.call('set', KEYS[1], ARGV[1]) redis.call('set', KEYS[2], ARGV[2]) return 1"
 
 
 def redacted(url: str) -> str:
@@ -85,9 +90,10 @@ class SharedStore:
         return f"{PREFIX}:lease:{hash_agent(agent_id)}"
 
     # ---- calls -----------------------------------------------------------------------
-    def _call(self, operation: str, call: Callable[[], T]) -> T | None:
-        """``call``'s result, or None when Redis failed (or failed a moment ago)."""
-        if time.monotonic() < self._quiet_until:
+    def _call(self, operation: str, call: Callable[[], T], always: bool = False) -> T | None:
+        """``call``'s result, or None when Redis failed (or, unless ``always``, failed a
+        moment ago)."""
+        if not always and time.monotonic() < self._quiet_until:
             return None
         try:
             return call()
@@ -111,13 +117,9 @@ class SharedStore:
             log.info("cache file %s kept local: %d bytes, over %d", path.name, len(data),
                      self.max_value_bytes)
             return False
-
-        def share() -> bool:
-            with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(self.cache_key(path), data).set(self.tokens_key(path), tokens)
-                return all(pipe.execute())
-
-        return self._call("put", share) is True
+        shared = self._call("put", lambda: self._client.eval(
+            _PUT, 2, self.cache_key(path), self.tokens_key(path), data, tokens))
+        return shared == 1
 
     def tokens(self, path: Path) -> int | None:
         """How many tokens the shared copy of ``path`` holds; None: none (or no Redis)."""
@@ -139,20 +141,27 @@ class SharedStore:
         return size
 
     # ---- leases ----------------------------------------------------------------------
-    def acquire(self, agent_id: str, seconds: float) -> bool | None:
-        """Take ``agent_id``'s lease for ``seconds`` if no server holds it: True when taken,
-        False when another server holds it, None when Redis cannot say (then the turn
-        runs: availability before strictness, as the README says)."""
+    def turn_token(self) -> str:
+        """What one turn's lease holds: this server's id and the turn's own random part, so
+        a late release of an earlier turn never frees a later one."""
+        return f"{self.server_id}:{secrets.token_hex(8)}"
+
+    def acquire(self, agent_id: str, token: str, seconds: float) -> bool | None:
+        """Take ``agent_id``'s lease as ``token`` for ``seconds`` if no turn holds it: True
+        when taken, False when another turn (of any server) holds it, None when Redis
+        cannot say (then the turn runs: availability before strictness)."""
         return self._call("lease", lambda: bool(self._client.set(
-            self.lease_key(agent_id), self.server_id, nx=True, px=int(seconds * 1000))))
+            self.lease_key(agent_id), token, nx=True, px=int(seconds * 1000))))
 
-    def renew(self, agent_id: str, seconds: float) -> None:
+    def renew(self, agent_id: str, token: str, seconds: float) -> None:
         self._call("lease", lambda: self._client.eval(
-            _RENEW, 1, self.lease_key(agent_id), self.server_id, int(seconds * 1000)))
+            _RENEW, 1, self.lease_key(agent_id), token, int(seconds * 1000)))
 
-    def release(self, agent_id: str) -> None:
+    def release(self, agent_id: str, token: str) -> None:
+        """Free the lease if ``token`` still holds it (tried even right after a failure:
+        a lease left behind holds the agent until it expires)."""
         self._call("lease", lambda: self._client.eval(
-            _RELEASE, 1, self.lease_key(agent_id), self.server_id))
+            _RELEASE, 1, self.lease_key(agent_id), token), always=True)
 
     def close(self) -> None:
         self._client.close()

@@ -200,6 +200,8 @@ class BatchEngine:
         """``make_generator`` builds the generator for a model; tests give one that computes
         no model (the engine's own logic is what they test)."""
         self.store = store
+        if store.writer is not None:  # a finished write: its cache leaves memory at once
+            store.writer.on_done = lambda: self._commands.put(store.collect)
         self.make_generator = make_generator
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size

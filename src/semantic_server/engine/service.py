@@ -301,6 +301,7 @@ class GenerationService:
         self.residency = residency
         self.load_on_demand = load_on_demand
         self.lease_seconds = lease_seconds  # with a shared store: an agent lease's life
+        self._hand_backs: set[asyncio.Task] = set()  # leases freed once written back
         self.observer = observer
         self.max_context_tokens = max_context_tokens
         self.max_queued = max_queued
@@ -324,48 +325,78 @@ class GenerationService:
     @asynccontextmanager
     async def _lease(self, agent_id: str) -> AsyncIterator[None]:
         """With a shared store, hold the agent's lease for the turn, so no other server
-        runs it meanwhile: wait for another server's turn to end (within the hold), then
-        409 ``agent_busy``. Without Redis to ask, the turn runs (the README says so)."""
+        runs it meanwhile: wait for another turn to end (within the hold), then 409
+        ``agent_busy``. Without Redis to ask, the turn runs (the README says so).
+
+        The lease outlives the response: a task of its own waits until the turn's cache
+        is in the shared store and only then frees it, so the next server to take the
+        agent finds the newest cache, and neither the client's last byte nor a cancelled
+        request (a client that left) changes that."""
         shared = self.engine.store.shared
         if shared is None:
             yield
             return
+        token = shared.turn_token()
         deadline = time.monotonic() + self.gate.hold_seconds
-        while (taken := await asyncio.to_thread(shared.acquire, agent_id,
-                                                self.lease_seconds)) is False:
+        while (taken := await self._acquire(agent_id, token)) is False:
             if time.monotonic() >= deadline:
-                raise AgentBusy("another server is running this agent's turn; retry when it "
-                                "ends", retry_after=max(1, round(self.gate.hold_seconds)))
-            await asyncio.sleep(LEASE_POLL_SECONDS)  # polling another server, with a deadline
-        renewal = asyncio.create_task(self._renew(agent_id)) if taken else None
+                raise AgentBusy("another turn of this agent is running (on this server or "
+                                "another); retry when it ends",
+                                retry_after=max(1, round(self.gate.hold_seconds)))
+            await asyncio.sleep(LEASE_POLL_SECONDS)  # polling Redis, with a deadline
+        if not taken:  # Redis cannot say
+            yield
+            return
+        renewal = asyncio.create_task(self._renew(agent_id, token))
         try:
             yield
         finally:
-            if renewal is not None:
-                renewal.cancel()
-                try:
-                    await self._written_back(agent_id)
-                finally:  # the lease goes back whatever happened to the write
-                    await asyncio.to_thread(shared.release, agent_id)
+            task = asyncio.create_task(self._hand_back(agent_id, token, renewal))
+            self._hand_backs.add(task)
+            task.add_done_callback(self._hand_backs.discard)
 
-    async def _written_back(self, agent_id: str) -> None:
-        """Wait until the turn's cache is in the shared store, so the next server to take
-        the lease finds it there (within the hold; a slow write is logged, not fatal)."""
-        store = self.engine.store
-        # on the engine thread: after the turn's own cache went back (a job cut by a stop
-        # string is cancelled after its last token was sent)
-        number = await self.engine.on_thread(lambda: store.written_back.pop(agent_id, None))
-        if number is not None and store.writer is not None and not await asyncio.to_thread(
-                store.writer.wait, number, self.gate.hold_seconds):
-            log.warning("an agent's cache was not written back within %.0f s",
-                        self.gate.hold_seconds)
+    async def _acquire(self, agent_id: str, token: str) -> bool | None:
+        """One try at the lease; a request cancelled meanwhile frees what it took."""
+        shared = self.engine.store.shared
+        assert shared is not None
+        attempt = asyncio.ensure_future(
+            asyncio.to_thread(shared.acquire, agent_id, token, self.lease_seconds))
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(lambda done: done.cancelled() or not done.result() or (
+                asyncio.ensure_future(asyncio.to_thread(shared.release, agent_id, token))))
+            raise
 
-    async def _renew(self, agent_id: str) -> None:
+    async def _renew(self, agent_id: str, token: str) -> None:
         shared = self.engine.store.shared
         assert shared is not None
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            await asyncio.to_thread(shared.renew, agent_id, self.lease_seconds)
+            await asyncio.to_thread(shared.renew, agent_id, token, self.lease_seconds)
+
+    async def _hand_back(self, agent_id: str, token: str, renewal: asyncio.Task) -> None:
+        """Wait until the turn's cache is in the shared store (within the hold), then free
+        the lease (renewed until then)."""
+        store = self.engine.store
+        assert store.shared is not None
+        try:
+            # on the engine thread: after the turn's cache went back (a job cut by a stop
+            # string is cancelled after its last token was sent)
+            number = await self.engine.on_thread(lambda: store.written_back.pop(agent_id, None))
+            deadline = time.monotonic() + self.gate.hold_seconds
+            while (number is not None and store.writer is not None
+                   and not store.writer.finished(number)):
+                if time.monotonic() >= deadline:
+                    log.warning("an agent's cache was not written back within %.0f s",
+                                self.gate.hold_seconds)
+                    break
+                await asyncio.sleep(LEASE_POLL_SECONDS)  # the writer's progress, bounded
+        except Exception:  # the lease goes back whatever happened to the write
+            log.exception("waiting for an agent's write-back failed")
+        finally:
+            renewal.cancel()
+            await asyncio.to_thread(store.shared.release, agent_id, token)
 
     async def _agent_turn(self, users: _AgentLock) -> None:
         """Wait for the agent's previous request to end: a held request, within the hold.
@@ -431,6 +462,10 @@ class GenerationService:
         ``request_id`` labels the request's log line; ``tenant`` keeps an anonymous
         request to its own tenant's prefix cache.
         """
+        if params.keep_alive is not None and not self.load_on_demand:
+            raise InvalidRequest("keep_alive needs SEMANTIC_LOAD_ON_DEMAND=true: without it, "
+                                 "models change only through the admin API",
+                                 param="keep_alive")
         model_id, adapter = await self._named_adapter(model_id)
         self._check_exists(model_id)
         self._check_capacity()

@@ -203,7 +203,11 @@ class ResidencyManager:
         """The models beside idle past their keep-alive (a model with requests in flight
         is never idle), and how long until the next one will be (at most a tick)."""
         now = time.monotonic()
+        for model_id in self.versions.beside:  # one that came by the admin API: from now
+            if model_id not in self.arrived:
+                self.arrived[model_id] = self.used[model_id] = now
         busy = {model for model, pins, _, _ in self.versions.pinned().values() if pins}
+        busy |= set(self.waiting)  # requests queued for a model are about to use it
         expiries = {m: t for m in self.versions.beside
                     if m not in busy and (t := self._expiry(m)) is not None}
         later = [t - now for t in expiries.values() if t > now]
@@ -228,12 +232,15 @@ class ResidencyManager:
         if self._lock.locked():  # a load is making room: look again next round
             return
         async with self._lock:
+            if model_id not in self.due()[0]:  # used meanwhile (an earlier unload took time)
+                return
             try:
                 await self.orchestrator.unload(model_id)
             except Exception as exc:  # a swap in progress, say: next round
                 log.info("keep-alive unload deferred: %s", exc)
                 return
+            keep_alive = self.keep_alive_of.pop(model_id, self.policy.keep_alive_seconds)
             self.arrived.pop(model_id, None)
+            self.used.pop(model_id, None)
             log.info("model unloaded after its keep-alive", extra={"fields": {
-                "model": model_id,
-                "keep_alive_s": self.keep_alive_of.get(model_id, self.policy.keep_alive_seconds)}})
+                "model": model_id, "keep_alive_s": keep_alive}})
