@@ -55,6 +55,7 @@ experiments: setup
 	$(PY) -m experiments.exp015_swap_under_load
 	$(PY) -m experiments.exp016_adapter_swap
 	$(PY) -m experiments.exp018_disk_formats
+	$(PY) -m experiments.exp018_write_behind
 
 clean-models:
 	rm -rf models .cache/models
