@@ -56,6 +56,7 @@ experiments: setup
 	$(PY) -m experiments.exp016_adapter_swap
 	$(PY) -m experiments.exp018_disk_formats
 	$(PY) -m experiments.exp018_write_behind
+	$(PY) -m experiments.exp018_first_load
 
 clean-models:
 	rm -rf models .cache/models

@@ -200,11 +200,12 @@ class ModelRegistry:
         self.lora_max_rank = lora_max_rank
         self.resident: list[LoadedModel] = []
         # Tokenizers are plain Python objects, not MLX memory, and Gemma's takes seconds to
-        # build: keep the last few so a model that comes back in a swap loads faster.
+        # build (its BPE merges, in Rust): keep the last few so a model that comes back in a
+        # swap loads faster.
         self._tokenizers: OrderedDict[tuple, Any] = OrderedDict()
 
     def _tokenizer(self, path: Path, config: dict[str, Any]) -> Any:
-        from mlx_lm.utils import load_tokenizer
+        from semantic_server.models.tokenizer import load_tokenizer
 
         files = sorted(path.glob("tokenizer*")) + sorted(path.glob("*.jinja"))
         key = (str(path.resolve()), *((f.name, f.stat().st_mtime_ns) for f in files))
