@@ -57,6 +57,7 @@ experiments: setup
 	$(PY) -m experiments.exp018_disk_formats
 	$(PY) -m experiments.exp018_write_behind
 	$(PY) -m experiments.exp018_first_load
+	$(PY) -m experiments.exp019_replicas
 
 clean-models:
 	rm -rf models .cache/models
