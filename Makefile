@@ -54,6 +54,7 @@ experiments: setup
 	$(PY) -m experiments.exp014_agents_round_trip --agents 64
 	$(PY) -m experiments.exp015_swap_under_load
 	$(PY) -m experiments.exp016_adapter_swap
+	$(PY) -m experiments.exp017_models_by_request
 	$(PY) -m experiments.exp018_disk_formats
 	$(PY) -m experiments.exp018_write_behind
 	$(PY) -m experiments.exp018_first_load
