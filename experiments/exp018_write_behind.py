@@ -64,7 +64,8 @@ from mlx_lm.models.cache import KVCache
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments.harness import Harness, arguments, history, write_results
+from experiments.exp018_disk_formats import messages
+from experiments.harness import Harness, arguments, write_results
 from semantic_server.cache.cache_file import AgentCache
 from semantic_server.config import DiskFormat
 from semantic_server.engine.batch_engine import batch_generator
@@ -99,14 +100,6 @@ class Config:
     arrivals: int  # A: new agents, one spill each
     decode: int  # D: tokens each of the 8 decodes
     repeats: int  # R
-
-
-def idle_messages(agent: int, tokens: int, reply: str | None = None) -> list[dict[str, str]]:
-    first = [{"role": "user", "content": history(agent, tokens) + "\nSummarise these notes."}]
-    if reply is None:
-        return first
-    return [*first, {"role": "assistant", "content": reply},
-            {"role": "user", "content": "Now list three details from them."}]
 
 
 def decoder_messages(agent: int) -> list[dict[str, str]]:
@@ -173,7 +166,7 @@ class Bench:
         self.steps: list[float] = []
         self._instrument()
         # the template: one idle agent's hot cache, made by a real turn
-        template = self.harness.turn("template", idle_messages(0, config.history), 8)
+        template = self.harness.turn("template", messages(0, config.history), 8)
         self.reply = template.text
 
         def keep() -> AgentCache:
@@ -327,7 +320,7 @@ class Bench:
         back = next((agent for agent in idle if any(s["agent"] == agent for s in spills)),
                     None)
         if back is not None:
-            turn = await harness._turn(back, idle_messages(0, config.history, self.reply), 8)
+            turn = await harness._turn(back, messages(0, config.history, self.reply), 8)
             history_tokens = len(self.template.tokens)
             restored = {"agent": back, "cached_tokens": turn.cached,
                         "history_tokens": history_tokens,
