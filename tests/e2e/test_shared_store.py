@@ -21,6 +21,7 @@ from openai import OpenAI
 from experiments.servers import NginxProcess, RedisProcess, ServerProcess
 from tests.conftest import SMOLLM2
 from tests.e2e.helpers import HISTORY, KEY, scrape, value
+from tests.polling import wait_for
 
 NOTES = [{"role": "user", "content": HISTORY[:800] + "Summarise my notes."}]
 
@@ -109,7 +110,7 @@ def test_redis_down_and_back_fails_no_request(redis_server, pair):
         key = next(iter(redis_server.client().scan_iter("semantic:cache:*")), None)
 
 
-def test_a_killed_servers_agents_continue_warm_elsewhere_behind_nginx(pair):
+def test_a_killed_servers_agents_continue_warm_elsewhere_behind_nginx(pair, redis_server):
     one, two = pair  # the module's last test: server 1 does not come back
     nginx = NginxProcess([one.url, two.url]).start()
     try:
@@ -129,6 +130,11 @@ def test_a_killed_servers_agents_continue_warm_elsewhere_behind_nginx(pair):
             if len(on_one) >= 4 and 0 < sum(on_one.values()) < len(on_one):
                 break
         assert 0 < sum(on_one.values()) < len(on_one), on_one  # both replicas serve
+        # A turn's write-back reaches Redis after its response (README: a crash loses at most
+        # the last turn); its lease is released only once it has, so no lease left means
+        # every finished turn is in Redis.
+        wait_for(lambda: not list(redis_server.client().scan_iter("semantic:lease:*")),
+                 timeout=60, interval=0.05, what="every turn written back to Redis")
         one.stop(signal.SIGKILL)
         for agent in histories:  # one's agents fail over to two and resume from Redis
             _, _, cached = turn(nginx.url, agent, histories[agent])
