@@ -133,7 +133,8 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     writer = (CacheWriter(shared.write_through if shared else write_prepared)
               if settings.cache_write_behind or shared else None)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
-                             disk_budget(settings), settings.cache_disk_format, writer, shared)
+                             disk_budget(settings), settings.cache_disk_format, writer, shared,
+                             settings.cache_chunk_tokens or None)
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries,

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from semantic_server.cache.prefix_chunks import CHUNK_TOKENS
+
 ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -156,6 +158,11 @@ class Settings(BaseSettings):
         DiskFormat.NATIVE, description="How cache files store KV: native (as computed, "
         "lossless), float16, q8 or q4 (MLX affine quantization, groups of 32). Files of "
         "every format are read whatever this is.")
+    cache_chunk_tokens: int = Field(
+        CHUNK_TOKENS, ge=0, description="Cache files keep their full-attention KV in "
+        "content-addressed chunks of this many tokens, so a prefix several agents share "
+        "(a system prompt, tools) is on disk once and a new agent starts from it; 0: whole "
+        "files. Files stay whole with a Redis cache store.")
     memory_budget_bytes: int | None = Field(
         None, gt=0, description="Memory for model weights. A swap whose target fits beside "
         "the serving model within it loads the target beside it and nobody waits (the dual "

@@ -157,3 +157,9 @@ def test_masked_tokens_are_no_alternatives():
         [-0.1, -float("inf"), -2.5, -float("inf")])})()
     out = token_out(job, response)
     assert out.logprob == pytest.approx(-0.1) and [t for t, _ in out.top] == [0, 2]
+
+
+async def test_the_engine_measures_each_models_prefill_rate(server):
+    await run_turn(server.service, "agent-rate", "word " * 60)  # a prompt over 32 tokens
+    rates = server.store.policy.prefill_seconds_per_token
+    assert len(rates) == 1 and next(iter(rates.values())) > 0

@@ -47,16 +47,27 @@ from semantic_server.cache.cache_file import (
     CacheFileError,
     CacheReadError,
     CacheTag,
+    ChunkDamaged,
+    PreparedFile,
     agent_file_name,
-    estimated_file_bytes,
     prepare_file,
+    prepared_bytes,
     read_cache,
+    read_prefix,
     read_summary,
     read_tag_file,
     write_atomically,
-    write_cache,
+    write_prepared,
 )
 from semantic_server.cache.cache_writer import CacheWriter
+from semantic_server.cache.prefix_chunks import (
+    CHUNK_TOKENS,
+    CHUNKS,
+    chunk_keys,
+    chunk_path,
+    tenant_of,
+)
+from semantic_server.cache.restore_policy import RestoreOrRecompute
 from semantic_server.cache.shared_store import SharedStore
 from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
@@ -83,6 +94,8 @@ class Lookup(StrEnum):
     OTHER_ADAPTER = "other_adapter"
     # the agent had no cache; it starts from the prefix another agent of its tenant holds
     SHARED_PREFIX = "shared_prefix"
+    # its cache is on disk, but prefilling it was expected to be faster than reading it
+    RECOMPUTE = "recompute"
 
 
 @dataclass(frozen=True)
@@ -106,18 +119,29 @@ class Residency:
 
 
 @dataclass(frozen=True)
+class Outgoing:
+    """A cache on its way to disk, prepared: its file and the chunk files it lists."""
+
+    agent_id: str
+    tokens: int
+    path: Path
+    prepared: PreparedFile
+    chunks: tuple[Path, ...]  # every chunk its file lists
+    own_bytes: int  # what its file will take
+    new_chunks: dict[Path, int]  # the chunks it writes (not on disk yet), and their bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.own_bytes + sum(self.new_chunks.values())
+
+
+@dataclass(frozen=True)
 class Pending:
     """A spilled cache on its way to disk: still in memory until the writer is done."""
 
     number: int  # its write job's
     entry: AgentCache
     nbytes: int  # what the file will take, for the disk budget
-
-
-def tenant_of(agent_id: str) -> str | None:
-    """The tenant an agent id belongs to ("<tenant>/<agent>" when API keys are set)."""
-    tenant, slash, _ = agent_id.partition("/")
-    return tenant if slash else None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -171,11 +195,14 @@ class AgentCacheStore:
                  disk_budget_bytes: int | None = None,
                  disk_format: DiskFormat = DiskFormat.NATIVE,
                  writer: CacheWriter | None = None, shared: SharedStore | None = None,
-                 ) -> None:
+                 chunk_tokens: int | None = CHUNK_TOKENS) -> None:
         """``disk_format``: how the files this store writes hold their KV (it reads every
         format). ``writer``: spills are written behind by it (None: on the caller's
         thread). ``shared``: the Redis store other servers read (its writer writes through
-        to it), which this store writes back to at the end of every agent turn."""
+        to it), which this store writes back to at the end of every agent turn.
+        ``chunk_tokens``: the size of the content-addressed prefix chunks files keep their
+        full-attention KV in (None: whole files). With a shared store files stay whole: a
+        Redis value must be a cache on its own."""
         self.pool = pool
         self.cache_dir = Path(cache_dir)
         self.reuse = CacheReuse(reuse)
@@ -188,6 +215,13 @@ class AgentCacheStore:
         # digest -> a resident model's tag, dims and how many resident loads share them
         self._models: dict[str, tuple[CacheTag, ModelDims, int]] = {}
         self._hot: dict[HotKey, AgentCache] = {}
+        self.chunk_tokens = chunk_tokens if shared is None else None
+        self._records: dict[Path, tuple[Path, ...]] = {}  # a cold file -> the chunks it lists
+        self._chunks: dict[Path, int] = {}  # chunk files on disk -> their bytes
+        self._users: Counter[Path] = Counter()  # chunk -> files on disk or queued listing it
+        self._queued: dict[int, Outgoing] = {}  # write jobs not collected yet
+        self._tokens: dict[Path, int] = {}  # a cold file -> the tokens it holds
+        self.policy = RestoreOrRecompute()
         self._cold: dict[Path, tuple[int, float]] = self._scan()  # path -> (bytes, mtime)
         self.writer = writer
         self.shared = shared
@@ -195,11 +229,13 @@ class AgentCacheStore:
         self._pending: dict[Path, Pending] = {}  # spills the writer has not finished
 
     def _scan(self) -> dict[Path, tuple[int, float]]:
-        """Index the cache files on disk; drop what a process killed mid-write left."""
+        """Index the cache files and chunks on disk (and which chunks each file lists);
+        drop what a process killed mid-write left, and chunks no file lists."""
         index: dict[Path, tuple[int, float]] = {}
         if not self.cache_dir.exists():
             return index
-        for leftover in self.cache_dir.glob("*/.*.tmp.*"):
+        for leftover in [*self.cache_dir.glob("*/.*.tmp.*"),
+                         *self.cache_dir.glob(f"*/{CHUNKS}/.*.tmp.*")]:
             leftover.unlink(missing_ok=True)
         for path in self.cache_dir.glob("*/*.safetensors"):
             if path.parent.name != QUARANTINE and not path.name.startswith("."):
@@ -207,7 +243,20 @@ class AgentCacheStore:
                     stat = path.stat()
                 except OSError:
                     continue
+                try:
+                    summary = read_summary(path)
+                    keys, self._tokens[path] = summary["chunks"], summary["tokens"]
+                except Exception:  # left for its agent's next request to reject
+                    keys = []
                 index[path] = (stat.st_size, stat.st_mtime)
+                self._records[path] = tuple(chunk_path(path.parent, key) for key in keys)
+                self._users.update(self._records[path])
+        for chunk in self.cache_dir.glob(f"*/{CHUNKS}/*.safetensors"):
+            if self._users[chunk] == 0:
+                chunk.unlink(missing_ok=True)
+                continue
+            with contextlib.suppress(OSError):
+                self._chunks[chunk] = chunk.stat().st_size
         return index
 
     # ---- models ----------------------------------------------------------------------
@@ -258,6 +307,9 @@ class AgentCacheStore:
         if pending is not None:  # evicted, its file still being written: no need to read
             self.lookups[Lookup.DISK] += 1
             return pending.entry
+        if self._recompute_pays(tag, agent_id):
+            self.lookups[Lookup.RECOMPUTE] += 1
+            return None
         entry = self._load_cold(tag, agent_id)
         if entry is not None:
             self.lookups[Lookup.DISK] += 1
@@ -273,22 +325,61 @@ class AgentCacheStore:
         return entry
 
     def shared_prefix(self, tag: CacheTag, prompt: list[int], tenant: str | None,
-                      agent_id: str = "") -> AgentCache | None:
+                      agent_id: str = "", longer_than: int = 0) -> AgentCache | None:
         """A new cache for ``agent_id`` holding the longest prefix of ``prompt`` (at least
         MIN_SHARED_PREFIX tokens, never all of it) that a hot cache on ``tag`` of an agent
-        of ``tenant`` holds: agents of one deployment share their system prompt and tools,
-        so a new agent need not prefill them again. That agent's cache stays as it is.
-        Never across tenants, models or adapters (the tag names the adapter)."""
-        best, length = None, MIN_SHARED_PREFIX - 1
+        of ``tenant`` holds, or that chunks on disk hold: agents of one deployment share
+        their system prompt and tools, so a new agent need not prefill them again. The
+        caches it comes from stay as they are. Never across tenants, models or adapters
+        (the tag names the adapter; a chunk's name, the tenant). Only a prefix of more than
+        ``longer_than`` tokens is taken (nothing is read for less)."""
+        best, length = None, max(MIN_SHARED_PREFIX - 1, longer_than)
         for (digest, other), entry in self._hot.items():
             if digest == tag.digest and tenant_of(other) == tenant:
                 shared = reusable_prefix(entry.tokens, prompt)
                 if shared > length:
                     best, length = entry, shared
+        keys = self._chunks_on_disk(tag, prompt, tenant)
+        if keys and len(keys) * (self.chunk_tokens or 0) > length:
+            layers = self._read_prefix(tag, keys)
+            if layers is not None:
+                held = len(keys) * (self.chunk_tokens or 0)
+                return AgentCache(agent_id, layers, prompt[:held], tag)
         if best is None:
             return None
         layers = prefix_copy(best.layers, len(best.tokens), length)
         return AgentCache(agent_id, layers, prompt[:length], tag) if layers else None
+
+    def _chunks_on_disk(self, tag: CacheTag, prompt: list[int], tenant: str | None,
+                        ) -> list[str]:
+        """The chunks on disk that hold the longest prefix of ``prompt`` (never all of it);
+        none for a model with sliding-window layers (their KV is not in chunks)."""
+        if (not self.chunk_tokens or not self._chunks
+                or any(window is not None for window in tag.layer_windows)):
+            return []
+        folder = self.cache_dir / tag.digest
+        keys = chunk_keys(tag.digest, self.disk_format.value, tenant, prompt,
+                          self.chunk_tokens, limit=(len(prompt) - 1) // self.chunk_tokens)
+        held = 0
+        while held < len(keys) and chunk_path(folder, keys[held]) in self._chunks:
+            held += 1
+        return keys[:held]
+
+    def _read_prefix(self, tag: CacheTag, keys: list[str]) -> list[Any] | None:
+        try:
+            return read_prefix(self.cache_dir / tag.digest, tag, self.disk_format, keys)
+        except (CacheReadError, CacheFileError) as exc:  # the agent prefills instead
+            self.read_failures += 1
+            log.warning("a shared prefix was not read from disk: %s", exc)
+            if isinstance(exc, ChunkDamaged):
+                self._drop_chunk(exc.path)
+            return None
+
+    def _drop_chunk(self, chunk: Path) -> None:
+        """Delete a damaged chunk: the files listing it are rejected when read, and the
+        next write that lists it makes it again."""
+        self._chunks.pop(chunk, None)
+        chunk.unlink(missing_ok=True)
 
     def _other_adapter(self, tag: CacheTag, agent_id: str) -> str | None:
         """The adapter (or "none") of a cache this agent holds, hot or on disk, under
@@ -323,15 +414,11 @@ class AgentCacheStore:
         self._hot[key] = entry
         self.pool.allocate(key, need)
         if self.shared is not None and self.writer is not None:  # the turn's write-back
-            tag = self._tag(entry)
             try:
-                job = self.writer.submit(self._path(tag, entry.agent_id),
-                                         prepare_file(tag, entry, self.disk_format))
+                self._queue(self._prepare(entry))
             except Exception as exc:  # the cache stays hot; other servers see an older one
                 self.write_failures += 1
                 log.error("an agent's cache was not written back: %s", exc)
-                return
-            self.written_back[entry.agent_id] = job.number
 
     @staticmethod
     def _tag(entry: AgentCache) -> CacheTag:
@@ -384,14 +471,20 @@ class AgentCacheStore:
         self.flush()  # spills written behind land first (a failed one is hot again)
         keys = [key for key in self.pool.agents()
                 if tag is None or self._tag(self._hot[key]).base == tag.base]
-        entries = [self._hot[key] for key in keys]
-        self._make_room(entries)
+        outgoing: list[Outgoing] = []
         failures = []
-        for entry in entries:
-            try:
-                self._write(entry)
-            except Exception as exc:
-                failures.append(f"{exc}")
+        try:
+            for key in keys:
+                outgoing.append(self._prepare(self._hot[key]))
+            self._make_room(outgoing)
+            for out in outgoing:
+                try:
+                    self._write(out)
+                except Exception as exc:
+                    failures.append(f"{exc}")
+        finally:
+            for out in outgoing:
+                self._let_go(out.chunks)
         if failures:
             raise CacheWriteError(f"{len(failures)} of {len(keys)} agent caches could not be "
                                   f"written to {self.cache_dir}: {failures[0]}")
@@ -409,26 +502,48 @@ class AgentCacheStore:
             self._spill(entry)
 
     def _spill(self, entry: AgentCache) -> None:
+        out = None
         try:
-            self._make_room([entry])
+            out = self._prepare(entry)
+            self._make_room([out])
             if self.writer is None:
-                self._write(entry)
-            else:
-                self._write_behind(entry)
+                self._write(out)
+            else:  # the job holds its chunks from now on
+                self._queue(out, pending=entry)
+                out = None
         except Exception as exc:  # logged and counted, never fatal
             log.error("could not write the cache of an agent: %s", exc)
+        finally:
+            if out is not None:
+                self._let_go(out.chunks)
 
-    # ---- write-behind ----------------------------------------------------------------
-    def _write_behind(self, entry: AgentCache) -> None:
-        """Queue ``entry``'s file for the writer; it stays in memory until written."""
-        assert self.writer is not None
+    def _prepare(self, entry: AgentCache) -> Outgoing:
+        """The MLX part of writing ``entry`` (engine thread); the chunks its file lists are
+        held from now on, so none of them is deleted before the file is written (the
+        caller lets go of them, or a write job does when it is done)."""
         tag = self._tag(entry)
         path = self._path(tag, entry.agent_id)
-        job = self.writer.submit(path, prepare_file(tag, entry, self.disk_format))
+        on_disk = frozenset(chunk.stem for chunk in self._chunks
+                            if chunk.parent.parent == path.parent)
+        prepared = prepare_file(tag, entry, self.disk_format, self.chunk_tokens, on_disk)
+        chunks = tuple(chunk_path(path.parent, key) for key in prepared.chunk_keys)
+        self._users.update(chunks)
+        return Outgoing(entry.agent_id, len(entry.tokens), path, prepared, chunks,
+                        prepared_bytes(prepared),
+                        {chunk_path(path.parent, key): prepared_bytes(chunk)
+                         for key, chunk in prepared.chunks.items()})
+
+    # ---- write-behind ----------------------------------------------------------------
+    def _queue(self, out: Outgoing, pending: AgentCache | None = None) -> None:
+        """Queue a prepared file for the writer; a spill (``pending``) stays in memory
+        until it is written."""
+        assert self.writer is not None
+        job = self.writer.submit(out.path, out.prepared)
+        self._queued[job.number] = out
         if self.shared is not None:
-            self.written_back[entry.agent_id] = job.number
-        self._pending[path] = Pending(job.number, entry,
-                                      estimated_file_bytes(tag, entry, self.disk_format))
+            self.written_back[out.agent_id] = job.number
+        if pending is not None:
+            self._pending[out.path] = Pending(job.number, pending, out.nbytes)
 
     def collect(self) -> None:
         """Take the writer's results: written files join the index; a file that could not
@@ -441,13 +556,15 @@ class AgentCacheStore:
             current = pending is not None and pending.number == done.job.number
             if current:
                 del self._pending[path]
+            out = self._queued.pop(done.job.number)
             if done.size is not None:
-                self._cold[path] = (done.size, time.time())
-                continue
-            self.write_failures += 1
-            log.error("could not write the cache of an agent: %s", done.error)
-            if current and pending is not None:
-                self._back_hot(pending.entry)
+                self._recorded(out, done.size)
+            else:
+                self.write_failures += 1
+                log.error("could not write the cache of an agent: %s", done.error)
+                if current and pending is not None:
+                    self._back_hot(pending.entry)
+            self._let_go(out.chunks)
 
     def _back_hot(self, entry: AgentCache) -> None:
         key = (self._tag(entry).digest, entry.agent_id)
@@ -519,41 +636,70 @@ class AgentCacheStore:
             self.pool.release(key)
 
     # ---- disk ------------------------------------------------------------------------
-    def _write(self, entry: AgentCache) -> None:
+    def _write(self, out: Outgoing) -> None:
         """Write one cache atomically; a failure leaves any older file of it untouched."""
-        tag = self._tag(entry)
-        path = self._path(tag, entry.agent_id)
         try:
-            size = write_cache(path, tag, entry, self.disk_format)
+            size = write_prepared(out.path, out.prepared)
         except Exception:
             self.write_failures += 1
             raise
-        self._cold[path] = (size, time.time())
+        self._recorded(out, size)
 
-    def _make_room(self, entries: list[AgentCache]) -> None:
-        """Delete the oldest cold caches, other than these agents' own, until ``entries``
-        fit the disk budget; a CacheWriteError (nothing deleted) when they cannot."""
+    def _recorded(self, out: Outgoing, size: int) -> None:
+        """Index a file written (``size`` bytes); the chunks only its older version listed
+        are deleted."""
+        path, chunks = out.path, out.chunks
+        for chunk in chunks:
+            if chunk not in self._chunks:
+                with contextlib.suppress(OSError):
+                    self._chunks[chunk] = chunk.stat().st_size
+        self._users.update(chunks)
+        self._let_go(self._records.pop(path, ()))
+        self._records[path] = chunks
+        self._cold[path] = (size, time.time())
+        self._tokens[path] = out.tokens
+
+    def _let_go(self, chunks: tuple[Path, ...]) -> None:
+        """One holder fewer for each of ``chunks``; a chunk nobody holds is deleted."""
+        for chunk in chunks:
+            self._users[chunk] -= 1
+            if self._users[chunk] <= 0:
+                del self._users[chunk]
+                self._chunks.pop(chunk, None)
+                chunk.unlink(missing_ok=True)
+
+    def _make_room(self, outgoing: list[Outgoing]) -> None:
+        """Delete the oldest cold caches, other than these agents' own, until ``outgoing``
+        fits the disk budget (a chunk counted once, freed with the last file listing it);
+        a CacheWriteError (nothing deleted) when it cannot."""
         if self.disk_budget_bytes is None:
             return
-        mine = {self._path(self._tag(entry), entry.agent_id) for entry in entries}
-        need = sum(estimated_file_bytes(self._tag(entry), entry, self.disk_format)
-                   for entry in entries)
+        mine = {out.path for out in outgoing}
+        new_chunks = {chunk: nbytes for out in outgoing for chunk, nbytes in out.new_chunks.items()}
+        need = sum(out.own_bytes for out in outgoing) + sum(new_chunks.values())
         coming = {p: x.nbytes for p, x in self._pending.items() if p not in mine}
         others = sorted((p for p in self._cold if p not in mine and p not in coming),
                         key=lambda p: self._cold[p][1])
-        kept = sum(self._cold[p][0] for p in others) + sum(coming.values())
+        kept = sum(self._cold[p][0] for p in others) + sum(coming.values()) + sum(
+            self._chunks.values())
         if need > self.disk_budget_bytes:
-            self.write_failures += len(entries)
-            raise CacheWriteError(f"{len(entries)} agent caches need about {need} bytes; the "
-                                  f"disk budget is {self.disk_budget_bytes} bytes")
+            self.write_failures += len(outgoing)
+            raise CacheWriteError(f"{len(outgoing)} agent caches need about {need} bytes; "
+                                  f"the disk budget is {self.disk_budget_bytes} bytes")
+        users = Counter(self._users)  # the outgoing files hold theirs already
         for path in others:
             if kept + need <= self.disk_budget_bytes:
                 break
             kept -= self._cold[path][0]
+            for chunk in self._records.get(path, ()):
+                users[chunk] -= 1
+                kept -= self._chunks.get(chunk, 0) if users[chunk] == 0 else 0
             self._delete(path, "the disk budget needs room")
 
     def _delete(self, path: Path, reason: str) -> None:
         self._cold.pop(path, None)
+        self._tokens.pop(path, None)
+        self._let_go(self._records.pop(path, ()))
         path.unlink(missing_ok=True)
         self.disk_deletions += 1
         log.info("cold cache deleted", extra={"fields": {"file": path.name, "reason": reason}})
@@ -572,8 +718,27 @@ class AgentCacheStore:
                     paths.append(other)
         return sorted(paths, key=_mtime, reverse=True)
 
+    def _recompute_pays(self, tag: CacheTag, agent_id: str) -> bool:
+        """Whether prefilling the agent's cache on disk is expected to be faster than
+        reading it (``restore_policy.py``); the file stays either way."""
+        path = self._path(tag, agent_id)
+        tokens = self._tokens.get(path)
+        if tokens is None or path not in self._cold:
+            return False
+        if self.policy.restore_pays(tag.base.digest, self._disk_bytes(path), tokens):
+            return False
+        log.info("agent cache on disk not read: prefilling it is faster", extra={
+            "fields": {"model": tag.model_id, "tokens": tokens}})
+        return True
+
+    def _disk_bytes(self, path: Path) -> int:
+        """What reading a cold file reads: the file and every chunk it lists."""
+        return self._cold.get(path, (0, 0.0))[0] + sum(
+            self._chunks.get(chunk, 0) for chunk in self._records.get(path, ()))
+
     def _load_cold(self, tag: CacheTag, agent_id: str) -> AgentCache | None:
         for path in self._candidates(tag, agent_id):
+            started = time.perf_counter()
             try:
                 entry = read_cache(path)
                 self._check(entry, tag, agent_id)
@@ -584,11 +749,16 @@ class AgentCacheStore:
             except CacheFileError as exc:
                 self.lookups[Lookup.REJECTED] += 1
                 log.warning("cache file %s rejected: %s", path.name, exc)
+                if isinstance(exc, ChunkDamaged):
+                    self._drop_chunk(exc.path)
                 self._quarantine(path, str(exc))
                 continue
-            if path not in self._cold:  # a file the shared store brought
+            if path not in self._cold:  # a file the shared store brought (whole)
                 with contextlib.suppress(OSError):
                     self._cold[path] = (path.stat().st_size, _mtime(path))
+                    self._records[path] = ()
+                    self._tokens[path] = len(entry.tokens)
+            self.policy.read(self._disk_bytes(path), time.perf_counter() - started)
             return replace(entry, tag=tag)  # hot from now on: it belongs to this model
         return None
 
@@ -615,6 +785,8 @@ class AgentCacheStore:
         """Move a rejected file aside with its reason; keep only the newest few. Its shared
         copy, if any, is deleted: it is the same bytes."""
         self._cold.pop(path, None)
+        self._tokens.pop(path, None)
+        self._let_go(self._records.pop(path, ()))
         if self.shared is not None:
             self.shared.delete(path)
         target = self.cache_dir / QUARANTINE
@@ -647,8 +819,9 @@ class AgentCacheStore:
         left for the next request of its agent to reject)."""
         summaries = []
         for path in self.cold_files():
-            try:
-                summaries.append(read_summary(path))
+            try:  # how many chunks it lists (its bytes are its own file's)
+                summary = read_summary(path)
+                summaries.append({**summary, "chunks": len(summary["chunks"])})
             except Exception as exc:  # any damage: reported, not fatal
                 log.warning("unreadable cache file %s: %s", path.name, exc)
         return summaries
@@ -660,7 +833,7 @@ class AgentCacheStore:
         cold = [size for path, (size, _) in dict(self._cold).items() if path not in pending]
         cold += [write.nbytes for write in pending.values()]
         return Residency(len(hot), sum(self._exact_bytes(entry) for entry in hot),
-                         len(cold), sum(cold))
+                         len(cold), sum(cold) + sum(dict(self._chunks).values()))
 
     def _exact_bytes(self, entry: AgentCache) -> int:
         """What a hot cache really holds (no rounding to blocks)."""

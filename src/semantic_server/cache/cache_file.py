@@ -5,10 +5,13 @@ Layout (DESIGN.md section 4): ``<cache_dir>/<tag-hash>/tag.json`` describes the 
 cache state (mlx-lm's ``state``, trimmed to the tokens in use; a rotating cache's state
 carries its window position too), with the tag, agent id, token count, each layer's cache
 class, the layout of its state and the format its KV is stored in (``disk_format.py``:
-native, float16, q8 or q4) in the metadata. A write goes to a
-temporary file in the same folder, is fsynced, then renamed over the old one: a crash
-leaves the old file or the new one, never half of one. File names are hashes, so no agent
-id can reach outside the folder.
+native, float16, q8 or q4) in the metadata. With chunking on, the full-attention layers'
+complete chunks are in ``<cache_dir>/<tag-hash>/chunks/<chunk-key>.safetensors``
+(``prefix_chunks.py``: content-addressed, written once however many agents hold them) and
+the agent's file lists them and holds the rest. A write goes to a temporary file in the
+same folder, is fsynced, then renamed over the old one: a crash leaves the old file or the
+new one, never half of one (chunks are written before the file that lists them). File
+names are hashes, so no agent id can reach outside the folder.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 from semantic_server.cache.disk_format import SUFFIXES, decode, encode
+from semantic_server.cache.prefix_chunks import chunk_keys, chunk_path, tenant_of
 from semantic_server.config import DiskFormat
 from semantic_server.models.tag import ModelTag
 
@@ -162,32 +166,66 @@ def _trimmed_state(layer: Any) -> tuple:
     return (keys[..., : layer.offset, :], values[..., : layer.offset, :], *rest)
 
 
+@dataclass(frozen=True)
+class FileContents:
+    """What a cache file holds before it is evaluated: its own arrays and metadata, and the
+    chunk files (by key) its full-attention layers' complete chunks go to."""
+
+    arrays: dict[str, mx.array]
+    metadata: dict[str, str]
+    chunks: dict[str, tuple[dict[str, mx.array], dict[str, str]]]
+
+
+def _encoded(arrays: dict[str, mx.array], name: str, array: mx.array, fmt: DiskFormat) -> None:
+    for suffix, part in encode(array, fmt).items():
+        arrays[f"{name}{suffix}"] = part
+
+
 def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
-              ) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """The arrays and the metadata of ``entry``'s file, its KV stored in ``fmt``."""
+              chunk_tokens: int | None = None, on_disk: frozenset[str] = frozenset(),
+              ) -> FileContents:
+    """The arrays and the metadata of ``entry``'s file, its KV stored in ``fmt``. With
+    ``chunk_tokens``, the full-attention layers' complete chunks (always leaving the file at
+    least one token of its own) go to chunk files, but for those ``on_disk`` already: a
+    sliding-window layer's state depends on where its window stands, so it stays whole."""
+    count = len(entry.tokens)
+    chunked = [i for i, layer in enumerate(entry.layers) if type(layer) is mlx_cache.KVCache]
+    keys = chunk_keys(tag.digest, fmt.value, tenant_of(entry.agent_id), entry.tokens,
+                      chunk_tokens, limit=(count - 1) // chunk_tokens) \
+        if chunk_tokens and chunked else []
+    start = len(keys) * (chunk_tokens or 0)
     arrays: dict[str, mx.array] = {"tokens": mx.array(entry.tokens, dtype=mx.int32)}
+    chunks = {key: ({}, {"tag": tag.to_json(), "chunk": key, "disk_format": fmt.value,
+                         "tokens": f"{n * chunk_tokens}:{(n + 1) * chunk_tokens}"})
+              for n, key in enumerate(keys) if key not in on_disk}
     layouts = []  # per layer: its state with each array replaced by "@array"
     for i, layer in enumerate(entry.layers):
         layout = []
         for j, item in enumerate(_trimmed_state(layer)):
-            if isinstance(item, mx.array):
-                for suffix, part in encode(item, fmt).items():
-                    arrays[f"layers.{i}.{j}{suffix}"] = part
-                layout.append("@array")
-            else:
+            if not isinstance(item, mx.array):
                 layout.append(item)
+                continue
+            if keys and i in chunked:
+                for n, key in enumerate(keys):
+                    if key in chunks:
+                        _encoded(chunks[key][0], f"layers.{i}.{j}",
+                                 item[..., n * chunk_tokens:(n + 1) * chunk_tokens, :], fmt)
+                item = item[..., start:, :]
+            _encoded(arrays, f"layers.{i}.{j}", item, fmt)
+            layout.append("@array")
         layouts.append(layout)
     metadata = {
         "tag": tag.to_json(),
         "agent_id": entry.agent_id,
-        "token_count": str(len(entry.tokens)),
+        "token_count": str(count),
         "disk_format": fmt.value,
         "written_at": f"{time.time():.3f}",
         "classes": json.dumps([type(layer).__name__ for layer in entry.layers]),
         "layouts": json.dumps(layouts),
-        "checksums": json.dumps(dict.fromkeys(arrays, 0)),  # filled in when written
+        "chunks": json.dumps({"tokens": chunk_tokens, "keys": keys, "layers": chunked}
+                             if keys else {}),
     }
-    return arrays, metadata
+    return FileContents(arrays, metadata, chunks)
 
 
 def _checksum(array: mx.array) -> int:
@@ -196,15 +234,6 @@ def _checksum(array: mx.array) -> int:
     if array.dtype == mx.bfloat16:  # NumPy has no bfloat16: the same bytes as uint16
         array = array.view(mx.uint16)
     return zlib.crc32(memoryview(np.asarray(array)))
-
-
-def estimated_file_bytes(tag: CacheTag, entry: AgentCache,
-                         fmt: DiskFormat = DiskFormat.NATIVE) -> int:
-    """What ``write_cache`` will write for ``entry``, to within a few hundred bytes, known
-    before writing (no array is evaluated), so a disk budget can make room first."""
-    arrays, metadata = _contents(tag, entry, fmt)
-    header = len(json.dumps(metadata)) + HEADER_BYTES_PER_ARRAY * len(arrays)
-    return sum(array.nbytes for array in arrays.values()) + header
 
 
 # safetensors' name of each dtype a cache file holds
@@ -216,19 +245,30 @@ _SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"
 class PreparedFile:
     """A cache file's contents, off the batch's arrays: evaluated, and seen through
     zero-copy buffers that keep them alive, so any thread can write them without an MLX
-    call (their data is shared with the cache, so MLX never updates it in place)."""
+    call (their data is shared with the cache, so MLX never updates it in place).
+    ``chunks``: the chunk files it lists that were not on disk when it was prepared."""
 
     tag: CacheTag
     metadata: dict[str, str]
     arrays: list[tuple[str, str, tuple[int, ...], memoryview]]  # name, dtype, shape, bytes
+    chunks: dict[str, PreparedFile] = field(default_factory=dict)
+
+    @property
+    def chunk_keys(self) -> list[str]:
+        """Every chunk the file lists (on disk already or among ``chunks``)."""
+        return json.loads(self.metadata["chunks"]).get("keys", [])
 
 
-def prepare_file(tag: CacheTag, entry: AgentCache,
-                 fmt: DiskFormat = DiskFormat.NATIVE) -> PreparedFile:
-    """The MLX part of a write (engine thread): the KV encoded in ``fmt`` and evaluated.
-    Native KV is not copied (its buffers are viewed with their strides); another format
-    costs its conversion here."""
-    arrays, metadata = _contents(tag, entry, fmt)
+def prepared_bytes(prepared: PreparedFile) -> int:
+    """The size of the file ``write_prepared`` writes for ``prepared`` (its chunks not
+    included), to within a few hundred bytes, known before it is written, so a disk budget
+    can make room first."""
+    arrays = len(prepared.arrays)
+    header = len(json.dumps(prepared.metadata)) + (HEADER_BYTES_PER_ARRAY + 12) * arrays
+    return sum(view.nbytes for *_, view in prepared.arrays) + header
+
+
+def _views(arrays: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
     mx.eval(arrays)
     views = []
     for name, array in arrays.items():
@@ -239,12 +279,40 @@ def prepare_file(tag: CacheTag, entry: AgentCache,
         array = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array[...]
         mx.eval(array)
         views.append((name, dtype, tuple(array.shape), memoryview(array)))
-    return PreparedFile(tag, metadata, views)
+    return views
+
+
+def prepare_file(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
+                 chunk_tokens: int | None = None,
+                 on_disk: frozenset[str] = frozenset()) -> PreparedFile:
+    """The MLX part of a write (engine thread): the KV encoded in ``fmt`` and evaluated,
+    in chunks of ``chunk_tokens`` (those ``on_disk`` are only listed). Native KV is not
+    copied (its buffers are viewed with their strides); another format costs its
+    conversion here."""
+    contents = _contents(tag, entry, fmt, chunk_tokens, on_disk)
+    chunks = {key: PreparedFile(tag, metadata, _views(arrays))
+              for key, (arrays, metadata) in contents.chunks.items()}
+    return PreparedFile(tag, contents.metadata, _views(contents.arrays), chunks)
 
 
 def write_prepared(path: Path, prepared: PreparedFile) -> int:
-    """Write a prepared cache file to ``path`` atomically, with a checksum of every array;
-    returns the file's size. No MLX call: any thread may write (the writer thread does)."""
+    """Write a prepared cache file to ``path`` atomically, with a checksum of every array,
+    after its chunk files that are not on disk yet (a chunk's name says its content);
+    returns the size of ``path``. No MLX call: any thread may write (the writer does)."""
+    tag = prepared.tag
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
+        write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
+    for key, chunk in prepared.chunks.items():
+        target = chunk_path(path.parent, key)
+        if not target.exists():
+            target.parent.mkdir(exist_ok=True)
+            _write_arrays(target, chunk)
+    _write_arrays(path, prepared)
+    return path.stat().st_size
+
+
+def _write_arrays(path: Path, prepared: PreparedFile) -> None:
     buffers = [(name, dtype, shape, np.ascontiguousarray(np.asarray(view)))
                for name, dtype, shape, view in prepared.arrays]
     checksums = {name: zlib.crc32(memoryview(data).cast("B")) for name, _, _, data in buffers}
@@ -264,19 +332,15 @@ def write_prepared(path: Path, prepared: PreparedFile) -> int:
             for _, _, _, data in buffers:
                 handle.write(memoryview(data).cast("B"))
 
-    tag = prepared.tag
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
-        write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
     write_atomically(path, write)
-    return path.stat().st_size
 
 
 def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
-                fmt: DiskFormat = DiskFormat.NATIVE) -> int:
-    """Write one agent's cache to ``path`` atomically, its KV in ``fmt``, with a checksum
-    of every array; returns the file's size."""
-    return write_prepared(path, prepare_file(tag, entry, fmt))
+                fmt: DiskFormat = DiskFormat.NATIVE, chunk_tokens: int | None = None,
+                on_disk: frozenset[str] = frozenset()) -> int:
+    """Write one agent's cache to ``path`` atomically, its KV in ``fmt`` (and in chunks of
+    ``chunk_tokens``), with a checksum of every array; returns the size of ``path``."""
+    return write_prepared(path, prepare_file(tag, entry, fmt, chunk_tokens, on_disk))
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -306,7 +370,8 @@ def read_tag_file(folder: Path) -> CacheTag | None:
 
 
 def read_summary(path: Path) -> dict[str, Any]:
-    """Agent, token count, model and size of a cache file from its header, no arrays read."""
+    """Agent, token count, model, size and chunks of a cache file from its header, no
+    arrays read."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as handle:
@@ -314,24 +379,77 @@ def read_summary(path: Path) -> dict[str, Any]:
     tag = CacheTag.from_json(metadata["tag"])
     return {"agent_id": metadata["agent_id"], "tokens": int(metadata["token_count"]),
             "bytes": path.stat().st_size, "model_id": tag.model_id, "tag": tag.digest,
-            "written_at": float(metadata["written_at"])}
+            "written_at": float(metadata["written_at"]),
+            "chunks": json.loads(metadata.get("chunks", "{}")).get("keys", [])}
 
 
-def read_cache(path: Path) -> AgentCache:
-    """Read and check one cache file.
+class ChunkDamaged(CacheFileError):
+    """A chunk file whose content is wrong: it is deleted, so a later write makes it again."""
 
-    A file that cannot be read right now (too many open files, an I/O error, no
-    permission, deleted meanwhile) is a ``CacheReadError``: a miss, the file stays. A file
-    whose content is wrong (truncated, zeroed, a checksum that does not match, shapes or
-    counts that disagree with its metadata) is a ``CacheFileError`` with the reason.
-    """
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _load(path: Path, missing: type[Exception]) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """A safetensors file's arrays and metadata; a file not found raises ``missing``."""
     try:
         with path.open("rb") as handle:
-            arrays, metadata = mx.load(handle, format="safetensors", return_metadata=True)
+            return mx.load(handle, format="safetensors", return_metadata=True)
+    except FileNotFoundError as exc:
+        raise missing(f"{path.name} is gone: {exc}") from exc
     except OSError as exc:
         raise CacheReadError(f"cannot read {path.name} now: {exc}") from exc
     except Exception as exc:  # the safetensors parser's errors all mean: damaged
         raise CacheFileError(f"unreadable cache file: {exc}") from exc
+
+
+def _read_chunk(folder: Path, key: str, tag: CacheTag) -> dict[str, mx.array]:
+    """Chunk ``key``'s arrays, checked: its checksums, its name and its tag."""
+    path = chunk_path(folder, key)
+    if not path.exists():
+        raise CacheFileError(f"chunk {key} is missing")
+    try:
+        arrays, metadata = _load(path, CacheFileError)
+        _verify_checksums(arrays, json.loads(metadata["checksums"]))
+        if metadata["chunk"] != key or CacheTag.from_json(metadata["tag"]) != tag:
+            raise CacheFileError("a chunk file holds another chunk")
+    except CacheReadError:
+        raise
+    except Exception as exc:
+        raise ChunkDamaged(f"chunk {key}: {exc}", path) from exc
+    return arrays
+
+
+def _stored(arrays: dict[str, mx.array], name: str, fmt: DiskFormat,
+            dtype: mx.Dtype) -> mx.array:
+    return decode({s: arrays[f"{name}{s}"] for s in SUFFIXES if f"{name}{s}" in arrays},
+                  fmt, dtype)
+
+
+def read_prefix(folder: Path, tag: CacheTag, fmt: DiskFormat, keys: list[str]) -> list[Any]:
+    """The cache of the tokens chunks ``keys`` hold (of one tag, every layer full
+    attention): a new agent's start from a prefix other agents wrote."""
+    parts = [_read_chunk(folder, key, tag) for key in keys]
+    dtype = getattr(mx, tag.kv_dtype)
+    layers = []
+    for i in range(tag.n_layers):
+        keys_, values = (mx.concatenate([_stored(part, f"layers.{i}.{j}", fmt, dtype)
+                                         for part in parts], axis=2) for j in (0, 1))
+        layers.append(mlx_cache.KVCache.from_state((keys_, values, keys_.shape[2])))
+    return layers
+
+
+def read_cache(path: Path) -> AgentCache:
+    """Read and check one cache file, with the chunks it lists.
+
+    A file that cannot be read right now (too many open files, an I/O error, no
+    permission, deleted meanwhile) is a ``CacheReadError``: a miss, the file stays. A file
+    whose content is wrong (truncated, zeroed, a checksum that does not match, shapes or
+    counts that disagree with its metadata, a chunk missing or damaged) is a
+    ``CacheFileError`` with the reason.
+    """
+    arrays, metadata = _load(path, CacheReadError)
     try:
         _verify_checksums(arrays, json.loads(metadata["checksums"]))
         tag = CacheTag.from_json(metadata["tag"])
@@ -342,9 +460,23 @@ def read_cache(path: Path) -> AgentCache:
         count = int(metadata["token_count"])
         fmt = DiskFormat(metadata.get("disk_format", DiskFormat.NATIVE.value))
         dtype = getattr(mx, tag.kv_dtype)
-        states = [tuple(decode({s: arrays[f"layers.{i}.{j}{s}"] for s in SUFFIXES
-                                if f"layers.{i}.{j}{s}" in arrays}, fmt, dtype)
-                        if item == "@array" else item
+        chunking = json.loads(metadata.get("chunks", "{}"))
+        keys = chunking.get("keys", [])
+        if keys != chunk_keys(tag.digest, fmt.value, tenant_of(agent_id), tokens,
+                              chunking.get("tokens", 1), limit=len(keys)):
+            raise CacheFileError("the chunks listed are not those of the file's tokens")
+        parts = [_read_chunk(path.parent, key, tag) for key in keys]
+        chunked = set(chunking.get("layers", []))
+
+        def state(i: int, j: int) -> mx.array:
+            name = f"layers.{i}.{j}"
+            own = _stored(arrays, name, fmt, dtype)
+            if i not in chunked:
+                return own
+            return mx.concatenate([_stored(part, name, fmt, dtype) for part in parts]
+                                  + [own], axis=2)
+
+        states = [tuple(state(i, j) if item == "@array" else item
                         for j, item in enumerate(layout)) for i, layout in enumerate(layouts)]
     except CacheFileError:
         raise

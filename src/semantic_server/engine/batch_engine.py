@@ -160,6 +160,8 @@ class Lane:
     checkpoints: dict[int, tuple[list[Any], list[int]] | None] = field(default_factory=dict)
     slots: AdapterSlots | None = None
     rows: dict[int, int] = field(default_factory=dict)  # uid -> adapter slot
+    # uid -> when its prefill started and how many tokens it prefills (to its first token)
+    prefills: dict[int, tuple[float, int]] = field(default_factory=dict)
 
     def tag_of(self, job: Job) -> CacheTag:
         """The tag of the caches ``job`` reads and makes: its model's, and its adapter's."""
@@ -415,8 +417,9 @@ class BatchEngine:
             layers, rest = lane.shared.fetch_nearest_cache(self._shared_key(lane, job),
                                                            job.prompt)
             tokens = job.prompt[: len(job.prompt) - len(rest)]
-            seed = self.store.shared_prefix(lane.tag_of(job), job.prompt, job.namespace)
-            if seed is not None and len(seed.tokens) > len(tokens):  # an agent holds more
+            seed = self.store.shared_prefix(lane.tag_of(job), job.prompt, job.namespace,
+                                            longer_than=len(tokens))
+            if seed is not None:  # an agent (or chunks on disk) holds more
                 layers, tokens = seed.layers, seed.tokens
             return fit_cache(layers, tokens, job.prompt) if layers is not None else (None, 0)
         entry = self.store.checkout(lane.tag_of(job), job.agent_id, job.prompt)
@@ -507,6 +510,7 @@ class BatchEngine:
             job.emit(Failed(exc))
             return
         lane.jobs[uid] = job
+        lane.prefills[uid] = (time.perf_counter(), len(job.prompt) - cached)
         if slot is not None:
             lane.rows[uid] = slot
         self._uids[job.request_id] = (lane, uid)
@@ -551,6 +555,7 @@ class BatchEngine:
         job = lane.jobs.pop(uid)
         self._uids.pop(job.request_id, None)
         lane.checkpoints.pop(uid, None)
+        lane.prefills.pop(uid, None)
         if uid in lane.rows and lane.slots is not None:
             lane.slots.give_back(lane.rows.pop(uid))
         self.store.unreserve(job.request_id)
@@ -600,6 +605,9 @@ class BatchEngine:
             job = lane.jobs.get(response.uid)
             if job is None:
                 continue
+            if (prefill := lane.prefills.pop(response.uid, None)) is not None:
+                self.store.policy.prefilled(lane.tag.base.digest, prefill[1],
+                                            time.perf_counter() - prefill[0])
             try:
                 if response.finish_reason is None:
                     job.emit(token_out(job, response))
