@@ -1,0 +1,51 @@
+"""How many weights a model folder holds, read from its safetensors headers.
+
+A memory plan needs the weights' count, not the files' size: an imported GGUF keeps its
+layers at different bits (Gemma 3's 8-bit embedding holds 63% of its weights, its other
+layers 4 to 6 bits), so a size divided by one bit width is far off. A header names every
+tensor's shape without reading a weight; a quantized weight's count comes from its scales'
+shape and its layer's group size (``config["quantization"]``, per layer where set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: tensor name -> dtype, shape, offsets (ValueError when the
+    file is not one)."""
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 0 < length <= MAX_HEADER_BYTES:
+            raise ValueError(f"{path.name} has no safetensors header")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} has a malformed safetensors header")
+    return header
+
+
+def weight_count(folder: Path, quantization: dict[str, Any] | None = None) -> int:
+    """The number of weights in ``folder``'s safetensors files (a quantized weight counted
+    once, its scales and biases not at all)."""
+    quantization = quantization or {}
+    count = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        header = read_header(path)
+        for name, info in header.items():
+            if name == "__metadata__" or name.endswith((".scales", ".biases")):
+                continue
+            shape = info["shape"]
+            layer = name.removesuffix(".weight")
+            scales = header.get(f"{layer}.scales") if name.endswith(".weight") else None
+            if scales is None:
+                count += math.prod(shape)
+                continue
+            group = quantization.get(layer, quantization).get("group_size", 64)
+            count += math.prod(shape[:-1]) * scales["shape"][-1] * group
+    return count
