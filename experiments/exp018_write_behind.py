@@ -14,7 +14,9 @@ Each run, on an in-process server on SmolLM2 (greedy, run to max_tokens):
 1. I idle agents have hot caches of a history of about H tokens each (H=1,800 makes 1,618
    in SmolLM2's tokenizer), least recently used first: one
    real turn made such a cache at the start, and each idle agent gets a copy of its arrays
-   (buffers of its own, their unused tails included), so no run prefills them.
+   (buffers of its own, their unused tails included), so no run prefills them. Each idle
+   agent is in a tenant of its own, so its spill writes all its chunks (the default
+   ``SEMANTIC_CACHE_CHUNK_TOKENS``), as a distinct history's would.
 2. 8 agents start decoding D tokens each. Once all 8 have their first token, the KV
    budget is cut to what is held (the idle caches and the 8 reservations) plus half an
    idle cache, so nothing more fits without a spill.
@@ -258,7 +260,10 @@ class Bench:
     async def workload(self, mode: Mode, run: int) -> dict[str, Any]:
         config, harness, store, engine = self.config, self.harness, self.store, self.engine
         tag = f"{run}-{mode.name}"
-        idle = [f"idle-{tag}-{i}" for i in range(config.idle)]
+        # each idle agent in a tenant of its own: its chunks are its own, as a distinct
+        # history's would be (the copies share their tokens, so in one tenant their
+        # chunks would be written once)
+        idle = [f"idle-{tag}-{i}/agent" for i in range(config.idle)]
         await engine.on_thread(lambda: self.idle_hot(idle))
         dims = harness.server.versions.loaded.dims
         slack = store.pool.bytes_for(dims, config.history) // 2
