@@ -97,9 +97,10 @@ def test_failed_rollback_degrades_until_a_good_swap(fragile_server):
 
 
 def test_full_disk_during_eviction_rolls_back_and_loses_nothing(tmp_path):
-    # The server process may not grow any file past 12 MB (see ServerProcess): a SmolLM2
-    # cache of a few dozen tokens fits (46 KB per token), one of 500 tokens does not.
-    server = ServerProcess(SMOLLM2, max_file_bytes=12 * 2**20, admin_key=KEY,
+    # The server process may not grow any file past 4 MB (see ServerProcess): a SmolLM2
+    # cache of a few dozen tokens fits (46 KB per token, no whole chunk), one of 500 tokens
+    # does not (its 128-token chunks take 5.9 MB each).
+    server = ServerProcess(SMOLLM2, max_file_bytes=4 * 2**20, admin_key=KEY,
                            cache_dir=str(tmp_path)).start()
     try:
         def turn(agent, messages):
@@ -143,5 +144,6 @@ def test_full_disk_during_eviction_rolls_back_and_loses_nothing(tmp_path):
             assert arrays["tokens"].shape == (read_summary(path)["tokens"],)
         assert read_summary(big_file) == written_before
         assert not list(tmp_path.rglob("*.tmp.*"))
+        assert not list(tmp_path.rglob("chunks/*"))  # none was written, none is left
     finally:
         server.stop()
