@@ -36,7 +36,9 @@ def fragile_server(models_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fault-models")
     fragile = _copy_model(models_dir / SMOLLM2, root / "fragile")
     broken = _copy_model(models_dir / SMOLLM2, root / "broken-weights")
-    (broken / "model.safetensors").write_bytes(b"\x00" * 4096)
+    # its header whole (the preflight reads it) and half its data: the load itself fails
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     nan = _copy_model(models_dir / SMOLLM2, root / "nan-weights")
     _poison(nan, math.nan)
     extra = json.dumps([str(fragile), str(broken), str(nan)])

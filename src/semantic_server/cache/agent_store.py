@@ -51,7 +51,6 @@ from semantic_server.cache.cache_file import (
     PreparedFile,
     agent_file_name,
     prepare_file,
-    prepared_bytes,
     read_cache,
     read_prefix,
     read_summary,
@@ -529,9 +528,9 @@ class AgentCacheStore:
         chunks = tuple(chunk_path(path.parent, key) for key in prepared.chunk_keys)
         self._users.update(chunks)
         return Outgoing(entry.agent_id, len(entry.tokens), path, prepared, chunks,
-                        prepared_bytes(prepared),
-                        {chunk_path(path.parent, key): prepared_bytes(chunk)
-                         for key, chunk in prepared.chunks.items()})
+                        prepared.own_bytes(), {chunk_path(path.parent, key):
+                                               prepared.chunk_bytes()
+                                               for key, _ in prepared.to_write})
 
     # ---- write-behind ----------------------------------------------------------------
     def _queue(self, out: Outgoing, pending: AgentCache | None = None) -> None:

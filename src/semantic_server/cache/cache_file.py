@@ -25,6 +25,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ class CacheTag:
         return self.with_adapter(None)
 
     def to_json(self) -> str:
+        return self._json
+
+    @cached_property
+    def _json(self) -> str:  # once per tag: every file and chunk written carries it
         data = asdict(self)
         if data["adapter"] is None:  # the base's digest is what it was before adapters
             del data["adapter"]
@@ -97,7 +102,7 @@ class CacheTag:
         data["layer_windows"] = tuple(data["layer_windows"])
         return cls(**data)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
@@ -168,17 +173,14 @@ def _trimmed_state(layer: Any) -> tuple:
 
 @dataclass(frozen=True)
 class FileContents:
-    """What a cache file holds before it is evaluated: its own arrays and metadata, and the
-    chunk files (by key) its full-attention layers' complete chunks go to."""
+    """What a cache file holds before it is evaluated: its arrays (a chunked layer's whole,
+    cut into chunks when written) and metadata, and which chunks it writes."""
 
     arrays: dict[str, mx.array]
     metadata: dict[str, str]
-    chunks: dict[str, tuple[dict[str, mx.array], dict[str, str]]]
-
-
-def _encoded(arrays: dict[str, mx.array], name: str, array: mx.array, fmt: DiskFormat) -> None:
-    for suffix, part in encode(array, fmt).items():
-        arrays[f"{name}{suffix}"] = part
+    chunked: frozenset[str]  # the arrays whose complete chunks go to chunk files
+    chunk_tokens: int
+    to_write: tuple[tuple[str, int], ...]  # (key, index) of the chunks not on disk
 
 
 def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
@@ -189,15 +191,12 @@ def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NAT
     least one token of its own) go to chunk files, but for those ``on_disk`` already: a
     sliding-window layer's state depends on where its window stands, so it stays whole."""
     count = len(entry.tokens)
-    chunked = [i for i, layer in enumerate(entry.layers) if type(layer) is mlx_cache.KVCache]
+    layers = [i for i, layer in enumerate(entry.layers) if type(layer) is mlx_cache.KVCache]
     keys = chunk_keys(tag.digest, fmt.value, tenant_of(entry.agent_id), entry.tokens,
                       chunk_tokens, limit=(count - 1) // chunk_tokens) \
-        if chunk_tokens and chunked else []
-    start = len(keys) * (chunk_tokens or 0)
+        if chunk_tokens and layers else []
     arrays: dict[str, mx.array] = {"tokens": mx.array(entry.tokens, dtype=mx.int32)}
-    chunks = {key: ({}, {"tag": tag.to_json(), "chunk": key, "disk_format": fmt.value,
-                         "tokens": f"{n * chunk_tokens}:{(n + 1) * chunk_tokens}"})
-              for n, key in enumerate(keys) if key not in on_disk}
+    chunked = set()
     layouts = []  # per layer: its state with each array replaced by "@array"
     for i, layer in enumerate(entry.layers):
         layout = []
@@ -205,13 +204,10 @@ def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NAT
             if not isinstance(item, mx.array):
                 layout.append(item)
                 continue
-            if keys and i in chunked:
-                for n, key in enumerate(keys):
-                    if key in chunks:
-                        _encoded(chunks[key][0], f"layers.{i}.{j}",
-                                 item[..., n * chunk_tokens:(n + 1) * chunk_tokens, :], fmt)
-                item = item[..., start:, :]
-            _encoded(arrays, f"layers.{i}.{j}", item, fmt)
+            for suffix, part in encode(item, fmt).items():
+                arrays[f"layers.{i}.{j}{suffix}"] = part
+                if keys and i in layers:
+                    chunked.add(f"layers.{i}.{j}{suffix}")
             layout.append("@array")
         layouts.append(layout)
     metadata = {
@@ -222,10 +218,11 @@ def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NAT
         "written_at": f"{time.time():.3f}",
         "classes": json.dumps([type(layer).__name__ for layer in entry.layers]),
         "layouts": json.dumps(layouts),
-        "chunks": json.dumps({"tokens": chunk_tokens, "keys": keys, "layers": chunked}
+        "chunks": json.dumps({"tokens": chunk_tokens, "keys": keys, "layers": layers}
                              if keys else {}),
     }
-    return FileContents(arrays, metadata, chunks)
+    return FileContents(arrays, metadata, frozenset(chunked), chunk_tokens or 0,
+                        tuple((key, n) for n, key in enumerate(keys) if key not in on_disk))
 
 
 def _checksum(array: mx.array) -> int:
@@ -246,53 +243,77 @@ class PreparedFile:
     """A cache file's contents, off the batch's arrays: evaluated, and seen through
     zero-copy buffers that keep them alive, so any thread can write them without an MLX
     call (their data is shared with the cache, so MLX never updates it in place).
-    ``chunks``: the chunk files it lists that were not on disk when it was prepared."""
+
+    A chunked layer's arrays are whole here: the writer cuts them into the chunk files
+    ``to_write`` and the file's own tail (NumPy views, no copy), so the engine thread pays
+    the same for a chunked file as for a whole one."""
 
     tag: CacheTag
     metadata: dict[str, str]
     arrays: list[tuple[str, str, tuple[int, ...], memoryview]]  # name, dtype, shape, bytes
-    chunks: dict[str, PreparedFile] = field(default_factory=dict)
+    chunked: frozenset[str] = frozenset()
+    chunk_tokens: int = 0
+    to_write: tuple[tuple[str, int], ...] = ()
 
     @property
     def chunk_keys(self) -> list[str]:
-        """Every chunk the file lists (on disk already or among ``chunks``)."""
+        """Every chunk the file lists (on disk already, or to write)."""
         return json.loads(self.metadata["chunks"]).get("keys", [])
 
+    @property
+    def tail_start(self) -> int:
+        """The first token the file holds itself in its chunked layers."""
+        return len(self.chunk_keys) * self.chunk_tokens
 
-def prepared_bytes(prepared: PreparedFile) -> int:
-    """The size of the file ``write_prepared`` writes for ``prepared`` (its chunks not
-    included), to within a few hundred bytes, known before it is written, so a disk budget
-    can make room first."""
-    arrays = len(prepared.arrays)
-    header = len(json.dumps(prepared.metadata)) + (HEADER_BYTES_PER_ARRAY + 12) * arrays
-    return sum(view.nbytes for *_, view in prepared.arrays) + header
+    def parts(self, start: int, end: int | None, chunked_only: bool,
+              ) -> list[tuple[str, str, np.ndarray]]:
+        """The arrays of tokens ``start:end`` of the chunked layers (and the other arrays
+        whole, unless ``chunked_only``): views, not copies."""
+        parts = []
+        for name, dtype, _, view in self.arrays:
+            if name in self.chunked:
+                parts.append((name, dtype, np.asarray(view)[..., start:end, :]))
+            elif not chunked_only:
+                parts.append((name, dtype, np.asarray(view)))
+        return parts
 
+    def own_bytes(self) -> int:
+        """The size of the file itself (its chunks not included), to within a few hundred
+        bytes, known before it is written, so a disk budget can make room first."""
+        data = sum(view.nbytes // max(1, shape[2]) * (shape[2] - self.tail_start)
+                   if name in self.chunked else view.nbytes
+                   for name, _, shape, view in self.arrays)
+        header = len(json.dumps(self.metadata)) + (HEADER_BYTES_PER_ARRAY + 12) * len(
+            self.arrays)
+        return data + header
 
-def _views(arrays: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
-    mx.eval(arrays)
-    views = []
-    for name, array in arrays.items():
-        dtype = _SAFETENSORS_DTYPES[array.dtype]
-        # an array object of its own over the same data: the data is then shared, so MLX
-        # never reuses its buffer in place (it would if a cache layer updated its own
-        # array with no other holder) while the writer reads it
-        array = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array[...]
-        mx.eval(array)
-        views.append((name, dtype, tuple(array.shape), memoryview(array)))
-    return views
+    def chunk_bytes(self) -> int:
+        """The size of one of its chunk files, likewise."""
+        data = sum(view.nbytes // max(1, shape[2]) * self.chunk_tokens
+                   for name, _, shape, view in self.arrays if name in self.chunked)
+        return data + len(self.metadata["tag"]) + 200 + (HEADER_BYTES_PER_ARRAY + 12) * len(
+            self.chunked)
 
 
 def prepare_file(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
                  chunk_tokens: int | None = None,
                  on_disk: frozenset[str] = frozenset()) -> PreparedFile:
-    """The MLX part of a write (engine thread): the KV encoded in ``fmt`` and evaluated,
-    in chunks of ``chunk_tokens`` (those ``on_disk`` are only listed). Native KV is not
+    """The MLX part of a write (engine thread): the KV encoded in ``fmt`` and evaluated
+    (the chunks ``on_disk`` of ``chunk_tokens`` tokens are only listed). Native KV is not
     copied (its buffers are viewed with their strides); another format costs its
     conversion here."""
     contents = _contents(tag, entry, fmt, chunk_tokens, on_disk)
-    chunks = {key: PreparedFile(tag, metadata, _views(arrays))
-              for key, (arrays, metadata) in contents.chunks.items()}
-    return PreparedFile(tag, contents.metadata, _views(contents.arrays), chunks)
+    mx.eval(contents.arrays)
+    # an array object of its own over the same data: the data is then shared, so MLX
+    # never reuses its buffer in place (it would if a cache layer updated its own array
+    # with no other holder) while the writer reads it; NumPy has no bfloat16: uint16
+    owned = {name: array.view(mx.uint16) if array.dtype == mx.bfloat16 else array[...]
+             for name, array in contents.arrays.items()}
+    mx.eval(owned)
+    views = [(name, _SAFETENSORS_DTYPES[array.dtype], tuple(owned[name].shape),
+              memoryview(owned[name])) for name, array in contents.arrays.items()]
+    return PreparedFile(tag, contents.metadata, views, contents.chunked,
+                        contents.chunk_tokens, contents.to_write)
 
 
 def write_prepared(path: Path, prepared: PreparedFile) -> int:
@@ -303,24 +324,27 @@ def write_prepared(path: Path, prepared: PreparedFile) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
         write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
-    for key, chunk in prepared.chunks.items():
+    size = prepared.chunk_tokens
+    for key, n in prepared.to_write:
         target = chunk_path(path.parent, key)
         if not target.exists():
             target.parent.mkdir(exist_ok=True)
-            _write_arrays(target, chunk)
-    _write_arrays(path, prepared)
+            metadata = {"tag": prepared.metadata["tag"], "chunk": key,
+                        "disk_format": prepared.metadata["disk_format"],
+                        "tokens": f"{n * size}:{(n + 1) * size}"}
+            _write_arrays(target, metadata, prepared.parts(n * size, (n + 1) * size, True))
+    _write_arrays(path, prepared.metadata, prepared.parts(prepared.tail_start, None, False))
     return path.stat().st_size
 
 
-def _write_arrays(path: Path, prepared: PreparedFile) -> None:
-    buffers = [(name, dtype, shape, np.ascontiguousarray(np.asarray(view)))
-               for name, dtype, shape, view in prepared.arrays]
-    checksums = {name: zlib.crc32(memoryview(data).cast("B")) for name, _, _, data in buffers}
-    metadata = {**prepared.metadata, "checksums": json.dumps(checksums)}
-    header: dict[str, Any] = {"__metadata__": metadata}
+def _write_arrays(path: Path, metadata: dict[str, str],
+                  parts: list[tuple[str, str, np.ndarray]]) -> None:
+    buffers = [(name, dtype, np.ascontiguousarray(data)) for name, dtype, data in parts]
+    checksums = {name: zlib.crc32(memoryview(data).cast("B")) for name, _, data in buffers}
+    header: dict[str, Any] = {"__metadata__": {**metadata, "checksums": json.dumps(checksums)}}
     offset = 0
-    for name, dtype, shape, data in buffers:
-        header[name] = {"dtype": dtype, "shape": list(shape),
+    for name, dtype, data in buffers:
+        header[name] = {"dtype": dtype, "shape": list(data.shape),
                         "data_offsets": [offset, offset + data.nbytes]}
         offset += data.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -329,7 +353,7 @@ def _write_arrays(path: Path, prepared: PreparedFile) -> None:
     def write(temporary: Path) -> None:
         with temporary.open("wb") as handle:
             handle.write(len(encoded).to_bytes(8, "little") + encoded)
-            for _, _, _, data in buffers:
+            for _, _, data in buffers:
                 handle.write(memoryview(data).cast("B"))
 
     write_atomically(path, write)
