@@ -58,6 +58,8 @@ experiments: setup
 	$(PY) -m experiments.exp018_disk_formats
 	$(PY) -m experiments.exp018_write_behind
 	$(PY) -m experiments.exp018_first_load
+	$(PY) -m experiments.exp018_prefix_chunks --gemma-agents 4
+	$(PY) -m experiments.exp018_restore_or_recompute
 	$(PY) -m experiments.exp019_replicas
 
 clean-models:
