@@ -104,6 +104,7 @@ def test_a_chunks_name_hashes_every_token_before_its_end_the_tag_format_and_tena
     assert chunk_keys(FULL_TAG.digest, "native", "t1", late, CHUNK)[:2] == keys[:2]
     assert chunk_keys(FULL_TAG.digest, "native", "t1", late, CHUNK)[2] != keys[2]
     for other in (chunk_keys(MIXED_TAG.digest, "native", "t1", PREFIX, CHUNK),
+                  chunk_keys(FULL_TAG.digest, "native", "t1", PREFIX, CHUNK // 2)[1::2],
                   chunk_keys(FULL_TAG.digest, "q4", "t1", PREFIX, CHUNK),
                   chunk_keys(FULL_TAG.digest, "native", "t2", PREFIX, CHUNK),
                   chunk_keys(FULL_TAG.digest, "native", None, PREFIX, CHUNK)):
@@ -154,14 +155,20 @@ def test_a_restart_indexes_files_and_chunks_and_deletes_chunks_no_file_lists(tmp
     _assert_holds(again.checkout(FULL_TAG, "t1/b"), prompts["t1/b"])
 
 
-def test_a_damaged_chunk_is_never_used_and_the_next_write_makes_it_again(tmp_path):
+def _flip_a_value(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one KV value
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_flip_a_value, lambda path: path.unlink()],
+                         ids=["flipped", "missing"])
+def test_a_damaged_chunk_is_never_used_and_the_next_write_makes_it_again(tmp_path, damage):
     store = _store(tmp_path)
     prompts = _two_agents(store)
     first = chunk_keys(FULL_TAG.digest, "native", "t1", PREFIX, CHUNK)[0]
     path = tmp_path / FULL_TAG.digest / CHUNKS / f"{first}.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF  # one KV value
-    path.write_bytes(bytes(data))
+    damage(path)
     assert store.checkout(FULL_TAG, "t1/a") is None
     assert store.lookups[Lookup.REJECTED] == 1 and not path.exists()
     assert store.checkout(FULL_TAG, "t1/b") is None  # it listed the chunk too
@@ -170,6 +177,23 @@ def test_a_damaged_chunk_is_never_used_and_the_next_write_makes_it_again(tmp_pat
     store.evict_all(FULL_TAG)
     assert path.exists()
     _assert_holds(store.checkout(FULL_TAG, "t1/b"), prompts["t1/b"])
+
+
+def test_a_chunk_that_cannot_be_read_now_is_a_miss_and_its_files_stay(tmp_path):
+    # A real I/O error on the chunk (a directory where its file was; permissions would not
+    # stop root): the agent's file is not quarantined, and serves once the chunk is back.
+    store = _store(tmp_path)
+    prompts = _two_agents(store)
+    first = chunk_keys(FULL_TAG.digest, "native", "t1", PREFIX, CHUNK)[0]
+    path = tmp_path / FULL_TAG.digest / CHUNKS / f"{first}.safetensors"
+    aside = path.rename(path.with_suffix(".aside"))
+    path.mkdir()
+    assert store.checkout(FULL_TAG, "t1/a") is None
+    assert store.read_failures == 1 and store.lookups[Lookup.REJECTED] == 0
+    assert (tmp_path / FULL_TAG.digest / agent_file_name("t1/a")).exists()
+    path.rmdir()
+    aside.rename(path)
+    _assert_holds(store.checkout(FULL_TAG, "t1/a"), prompts["t1/a"])
 
 
 def test_sliding_window_layers_stay_whole_and_seed_no_one_from_disk(tmp_path):

@@ -41,3 +41,18 @@ def test_a_file_without_a_header_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="no safetensors header"):
         weight_count(tmp_path)
+
+
+def test_a_header_that_lists_no_shape_is_refused(tmp_path):
+    header = b'{"w": {"dtype": "F32"}}'
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="malformed"):
+        weight_count(tmp_path)
+
+
+def test_weights_already_in_the_compute_dtype_are_not_counted_twice(tmp_path):
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.ones((256, 64))})
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert estimated_bytes(tmp_path, {}, 4) == int(256 * 64 * 4 * (1 + WARM_UP_SHARE))
+    assert estimated_bytes(tmp_path, {}, 2) == int(
+        256 * 64 * 2 * (1 + WARM_UP_SHARE) + size * CONVERSION_SHARE)  # float32 to 16

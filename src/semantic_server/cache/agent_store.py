@@ -366,7 +366,8 @@ class AgentCacheStore:
 
     def _read_prefix(self, tag: CacheTag, keys: list[str]) -> list[Any] | None:
         try:
-            return read_prefix(self.cache_dir / tag.digest, tag, self.disk_format, keys)
+            return read_prefix(self.cache_dir / tag.digest, tag, self.disk_format, keys,
+                               self.chunk_tokens or 0)
         except (CacheReadError, CacheFileError) as exc:  # the agent prefills instead
             self.read_failures += 1
             log.warning("a shared prefix was not read from disk: %s", exc)
@@ -526,11 +527,12 @@ class AgentCacheStore:
                             if chunk.parent.parent == path.parent)
         prepared = prepare_file(tag, entry, self.disk_format, self.chunk_tokens, on_disk)
         chunks = tuple(chunk_path(path.parent, key) for key in prepared.chunk_keys)
+        out = Outgoing(entry.agent_id, len(entry.tokens), path, prepared, chunks,
+                       prepared.own_bytes(), {chunk_path(path.parent, key):
+                                              prepared.chunk_bytes()
+                                              for key, _ in prepared.to_write})
         self._users.update(chunks)
-        return Outgoing(entry.agent_id, len(entry.tokens), path, prepared, chunks,
-                        prepared.own_bytes(), {chunk_path(path.parent, key):
-                                               prepared.chunk_bytes()
-                                               for key, _ in prepared.to_write})
+        return out
 
     # ---- write-behind ----------------------------------------------------------------
     def _queue(self, out: Outgoing, pending: AgentCache | None = None) -> None:
@@ -556,14 +558,16 @@ class AgentCacheStore:
             if current:
                 del self._pending[path]
             out = self._queued.pop(done.job.number)
-            if done.size is not None:
-                self._recorded(out, done.size)
-            else:
-                self.write_failures += 1
-                log.error("could not write the cache of an agent: %s", done.error)
-                if current and pending is not None:
-                    self._back_hot(pending.entry)
-            self._let_go(out.chunks)
+            try:
+                if done.size is not None:
+                    self._recorded(out, done.size)
+                else:
+                    self.write_failures += 1
+                    log.error("could not write the cache of an agent: %s", done.error)
+                    if current and pending is not None:
+                        self._back_hot(pending.entry)
+            finally:  # the job's hold on its chunks ends with it
+                self._let_go(out.chunks)
 
     def _back_hot(self, entry: AgentCache) -> None:
         key = (self._tag(entry).digest, entry.agent_id)
@@ -677,8 +681,9 @@ class AgentCacheStore:
         new_chunks = {chunk: nbytes for out in outgoing for chunk, nbytes in out.new_chunks.items()}
         need = sum(out.own_bytes for out in outgoing) + sum(new_chunks.values())
         coming = {p: x.nbytes for p, x in self._pending.items() if p not in mine}
-        others = sorted((p for p in self._cold if p not in mine and p not in coming),
-                        key=lambda p: self._cold[p][1])
+        queued = {out.path for out in self._queued.values()}  # written, maybe not collected
+        others = sorted((p for p in self._cold if p not in mine and p not in coming
+                         and p not in queued), key=lambda p: self._cold[p][1])
         kept = sum(self._cold[p][0] for p in others) + sum(coming.values()) + sum(
             self._chunks.values())
         if need > self.disk_budget_bytes:

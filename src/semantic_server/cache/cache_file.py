@@ -324,15 +324,15 @@ def write_prepared(path: Path, prepared: PreparedFile) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
         write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
-    size = prepared.chunk_tokens
+    step = prepared.chunk_tokens
     for key, n in prepared.to_write:
         target = chunk_path(path.parent, key)
         if not target.exists():
             target.parent.mkdir(exist_ok=True)
             metadata = {"tag": prepared.metadata["tag"], "chunk": key,
                         "disk_format": prepared.metadata["disk_format"],
-                        "tokens": f"{n * size}:{(n + 1) * size}"}
-            _write_arrays(target, metadata, prepared.parts(n * size, (n + 1) * size, True))
+                        "tokens": f"{n * step}:{(n + 1) * step}"}
+            _write_arrays(target, metadata, prepared.parts(n * step, (n + 1) * step, True))
     _write_arrays(path, prepared.metadata, prepared.parts(prepared.tail_start, None, False))
     return path.stat().st_size
 
@@ -428,15 +428,18 @@ def _load(path: Path, missing: type[Exception]) -> tuple[dict[str, mx.array], di
         raise CacheFileError(f"unreadable cache file: {exc}") from exc
 
 
-def _read_chunk(folder: Path, key: str, tag: CacheTag) -> dict[str, mx.array]:
-    """Chunk ``key``'s arrays, checked: its checksums, its name and its tag."""
+def _read_chunk(folder: Path, key: str, tag: CacheTag, span: str) -> dict[str, mx.array]:
+    """Chunk ``key``'s arrays, checked: its checksums, its name, its tag and the tokens it
+    holds (``span``, "start:end"). A chunk missing or wrong is ``ChunkDamaged``: the store
+    forgets it, so the next write that lists it makes it again."""
     path = chunk_path(folder, key)
     if not path.exists():
-        raise CacheFileError(f"chunk {key} is missing")
+        raise ChunkDamaged(f"chunk {key} is missing", path)
     try:
         arrays, metadata = _load(path, CacheFileError)
         _verify_checksums(arrays, json.loads(metadata["checksums"]))
-        if metadata["chunk"] != key or CacheTag.from_json(metadata["tag"]) != tag:
+        if (metadata["chunk"] != key or metadata["tokens"] != span
+                or CacheTag.from_json(metadata["tag"]) != tag):
             raise CacheFileError("a chunk file holds another chunk")
     except CacheReadError:
         raise
@@ -451,16 +454,29 @@ def _stored(arrays: dict[str, mx.array], name: str, fmt: DiskFormat,
                   fmt, dtype)
 
 
-def read_prefix(folder: Path, tag: CacheTag, fmt: DiskFormat, keys: list[str]) -> list[Any]:
-    """The cache of the tokens chunks ``keys`` hold (of one tag, every layer full
-    attention): a new agent's start from a prefix other agents wrote."""
-    parts = [_read_chunk(folder, key, tag) for key in keys]
+def _chunk_parts(folder: Path, tag: CacheTag, keys: list[str], chunk_tokens: int,
+                 ) -> list[dict[str, mx.array]]:
+    return [_read_chunk(folder, key, tag, f"{n * chunk_tokens}:{(n + 1) * chunk_tokens}")
+            for n, key in enumerate(keys)]
+
+
+def read_prefix(folder: Path, tag: CacheTag, fmt: DiskFormat, keys: list[str],
+                chunk_tokens: int) -> list[Any]:
+    """The cache of the tokens chunks ``keys`` (of ``chunk_tokens`` tokens) hold, of one
+    tag whose every layer is full attention: a new agent's start from a prefix other
+    agents wrote."""
+    parts = _chunk_parts(folder, tag, keys, chunk_tokens)
     dtype = getattr(mx, tag.kv_dtype)
     layers = []
-    for i in range(tag.n_layers):
-        keys_, values = (mx.concatenate([_stored(part, f"layers.{i}.{j}", fmt, dtype)
-                                         for part in parts], axis=2) for j in (0, 1))
-        layers.append(mlx_cache.KVCache.from_state((keys_, values, keys_.shape[2])))
+    try:
+        for i in range(tag.n_layers):
+            keys_, values = (mx.concatenate([_stored(part, f"layers.{i}.{j}", fmt, dtype)
+                                             for part in parts], axis=2) for j in (0, 1))
+            if keys_.shape[2] != len(keys) * chunk_tokens or values.shape != keys_.shape:
+                raise ValueError(f"{keys_.shape[2]} positions in {len(keys)} chunks")
+            layers.append(mlx_cache.KVCache.from_state((keys_, values, keys_.shape[2])))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CacheFileError(f"chunks that do not make a cache: {exc}") from exc
     return layers
 
 
@@ -489,7 +505,7 @@ def read_cache(path: Path) -> AgentCache:
         if keys != chunk_keys(tag.digest, fmt.value, tenant_of(agent_id), tokens,
                               chunking.get("tokens", 1), limit=len(keys)):
             raise CacheFileError("the chunks listed are not those of the file's tokens")
-        parts = [_read_chunk(path.parent, key, tag) for key in keys]
+        parts = _chunk_parts(path.parent, tag, keys, chunking.get("tokens", 1))
         chunked = set(chunking.get("layers", []))
 
         def state(i: int, j: int) -> mx.array:
@@ -502,7 +518,7 @@ def read_cache(path: Path) -> AgentCache:
 
         states = [tuple(state(i, j) if item == "@array" else item
                         for j, item in enumerate(layout)) for i, layout in enumerate(layouts)]
-    except CacheFileError:
+    except (CacheFileError, CacheReadError):  # a chunk's own verdict
         raise
     except Exception as exc:  # JSON, key and type errors all mean: not one of our files
         raise CacheFileError(f"bad cache file metadata: {exc}") from exc

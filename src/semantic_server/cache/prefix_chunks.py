@@ -33,9 +33,10 @@ def tenant_of(agent_id: str) -> str | None:
 def chunk_keys(tag_digest: str, disk_format: str, tenant: str | None, tokens: list[int],
                chunk_tokens: int, limit: int | None = None) -> list[str]:
     """The names of the complete chunks of ``tokens`` (at most ``limit``): each hashes the
-    tag, format, tenant and every token up to the chunk's end (a running hash, so naming
-    every chunk costs one pass over the tokens)."""
-    running = hashlib.sha256(f"{tag_digest}|{disk_format}|{tenant or ''}|".encode())
+    tag, format, chunk size, tenant and every token up to the chunk's end (a running hash,
+    so naming every chunk costs one pass over the tokens)."""
+    running = hashlib.sha256(
+        f"{tag_digest}|{disk_format}|{chunk_tokens}|{tenant or ''}|".encode())
     count = len(tokens) // chunk_tokens if limit is None else min(limit,
                                                                    len(tokens) // chunk_tokens)
     keys = []

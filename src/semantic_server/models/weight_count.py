@@ -30,22 +30,33 @@ def read_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The files mlx-lm loads a model's weights from."""
+    return sorted(folder.glob("model*.safetensors"))
+
+
 def weight_count(folder: Path, quantization: dict[str, Any] | None = None) -> int:
-    """The number of weights in ``folder``'s safetensors files (a quantized weight counted
-    once, its scales and biases not at all)."""
+    """The number of weights in ``folder``'s weight files (a quantized weight counted once,
+    its scales and biases not at all); a ValueError for a header that says otherwise."""
     quantization = quantization or {}
+    default_group = quantization.get("group_size", 64)
     count = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        header = read_header(path)
-        for name, info in header.items():
-            if name == "__metadata__" or name.endswith((".scales", ".biases")):
-                continue
-            shape = info["shape"]
-            layer = name.removesuffix(".weight")
-            scales = header.get(f"{layer}.scales") if name.endswith(".weight") else None
-            if scales is None:
-                count += math.prod(shape)
-                continue
-            group = quantization.get(layer, quantization).get("group_size", 64)
-            count += math.prod(shape[:-1]) * scales["shape"][-1] * group
+    try:
+        for path in weight_files(folder):
+            header = read_header(path)
+            for name, info in header.items():
+                if name == "__metadata__" or name.endswith((".scales", ".biases")):
+                    continue
+                shape = info["shape"]
+                layer = name.removesuffix(".weight")
+                scales = header.get(f"{layer}.scales") if name.endswith(".weight") else None
+                if scales is None:
+                    count += math.prod(shape)
+                    continue
+                own = quantization.get(layer)
+                group = own.get("group_size", default_group) if isinstance(own, dict) \
+                    else default_group
+                count += math.prod(shape[:-1]) * scales["shape"][-1] * group
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"a malformed safetensors header: {exc!r}") from exc
     return count

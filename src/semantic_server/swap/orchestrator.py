@@ -56,7 +56,7 @@ from semantic_server.errors import (
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import dims_from_config
 from semantic_server.models.registry import LoadedModel, ModelRegistry
-from semantic_server.models.weight_count import weight_count
+from semantic_server.models.weight_count import weight_count, weight_files
 
 if TYPE_CHECKING:
     from semantic_server.observability import Observer
@@ -186,16 +186,18 @@ class _StepFailed(Exception):
 def estimated_bytes(path: Path, config: dict[str, Any], compute_bytes: int | None) -> int:
     """The most memory loading the model takes: its weights once converted to the compute
     dtype (``compute_bytes`` a weight, counted from the files' headers; None keeps the
-    files' own), a tenth more for the warm-up, and while they are converted the files'
-    weights and the intermediates of their conversion (``CONVERSION_SHARE`` of the files).
+    files' own), a tenth more for the warm-up, and, when they are converted, the files'
+    weights and the intermediates of the conversion (``CONVERSION_SHARE`` of the files).
     Measured peaks of a load in float32: Gemma 3 270M 1.55 GB (this gives 1.64), SmolLM2
     135M 0.59 GB (0.77); a whole-file estimate at one bit width gave 2.48 and 0.93.
     A ValueError when a file has no readable header (the load would fail too)."""
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weight_files(path))
     if compute_bytes is None:
         return int(size * (1 + WARM_UP_SHARE))
     converted = weight_count(path, config.get("quantization")) * compute_bytes
-    return int(converted * (1 + WARM_UP_SHARE) + size * CONVERSION_SHARE)
+    # files already in the compute dtype are the weights themselves, headers aside
+    converts = abs(size - converted) > 0.01 * converted
+    return int(converted * (1 + WARM_UP_SHARE) + (size * CONVERSION_SHARE if converts else 0))
 
 
 class ModelSwapOrchestrator:
@@ -251,10 +253,10 @@ class ModelSwapOrchestrator:
             raise ModelInvalid(f"model {model_id!r}: {exc}") from exc
         dtype = self.registry.compute_dtype
         try:
-            need = (estimated_bytes(path, config, dtype.size if dtype else None)
-                    + self.registry.lora_bytes(model_id))
-        except (ValueError, KeyError, OSError) as exc:
+            need = estimated_bytes(path, config, dtype.size if dtype else None)
+        except (ValueError, OSError) as exc:
             raise ModelInvalid(f"model {model_id!r}: unreadable weights: {exc}") from exc
+        need += self.registry.lora_bytes(model_id)
         beside = [self.versions.resident(m) for m in self.versions.beside]
         plan = MemoryPlan(need,
                           sum(m.weight_bytes for m in self.registry.resident),
