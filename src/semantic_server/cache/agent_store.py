@@ -523,9 +523,8 @@ class AgentCacheStore:
         caller lets go of them, or a write job does when it is done)."""
         tag = self._tag(entry)
         path = self._path(tag, entry.agent_id)
-        on_disk = frozenset(chunk.stem for chunk in self._chunks
-                            if chunk.parent.parent == path.parent)
-        prepared = prepare_file(tag, entry, self.disk_format, self.chunk_tokens, on_disk)
+        prepared = prepare_file(tag, entry, self.disk_format, self.chunk_tokens,
+                                lambda key: chunk_path(path.parent, key) in self._chunks)
         chunks = tuple(chunk_path(path.parent, key) for key in prepared.chunk_keys)
         out = Outgoing(entry.agent_id, len(entry.tokens), path, prepared, chunks,
                        prepared.own_bytes(), {chunk_path(path.parent, key):

@@ -171,6 +171,11 @@ def _trimmed_state(layer: Any) -> tuple:
     return (keys[..., : layer.offset, :], values[..., : layer.offset, :], *rest)
 
 
+def _nowhere(key: str) -> bool:
+    """No chunk is on disk: a file writes every chunk it lists."""
+    return False
+
+
 @dataclass(frozen=True)
 class FileContents:
     """What a cache file holds before it is evaluated: its arrays (a chunked layer's whole,
@@ -184,11 +189,11 @@ class FileContents:
 
 
 def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
-              chunk_tokens: int | None = None, on_disk: frozenset[str] = frozenset(),
+              chunk_tokens: int | None = None, on_disk: Callable[[str], bool] = _nowhere,
               ) -> FileContents:
     """The arrays and the metadata of ``entry``'s file, its KV stored in ``fmt``. With
     ``chunk_tokens``, the full-attention layers' complete chunks (always leaving the file at
-    least one token of its own) go to chunk files, but for those ``on_disk`` already: a
+    least one token of its own) go to chunk files, but for those ``on_disk`` says are: a
     sliding-window layer's state depends on where its window stands, so it stays whole."""
     count = len(entry.tokens)
     layers = [i for i, layer in enumerate(entry.layers) if type(layer) is mlx_cache.KVCache]
@@ -222,7 +227,7 @@ def _contents(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NAT
                              if keys else {}),
     }
     return FileContents(arrays, metadata, frozenset(chunked), chunk_tokens or 0,
-                        tuple((key, n) for n, key in enumerate(keys) if key not in on_disk))
+                        tuple((key, n) for n, key in enumerate(keys) if not on_disk(key)))
 
 
 def _checksum(array: mx.array) -> int:
@@ -297,11 +302,11 @@ class PreparedFile:
 
 def prepare_file(tag: CacheTag, entry: AgentCache, fmt: DiskFormat = DiskFormat.NATIVE,
                  chunk_tokens: int | None = None,
-                 on_disk: frozenset[str] = frozenset()) -> PreparedFile:
+                 on_disk: Callable[[str], bool] = _nowhere) -> PreparedFile:
     """The MLX part of a write (engine thread): the KV encoded in ``fmt`` and evaluated
-    (the chunks ``on_disk`` of ``chunk_tokens`` tokens are only listed). Native KV is not
-    copied (its buffers are viewed with their strides); another format costs its
-    conversion here."""
+    (chunks of ``chunk_tokens`` tokens that ``on_disk`` says are there are only listed).
+    Native KV is not copied (its buffers are viewed with their strides); another format
+    costs its conversion here."""
     contents = _contents(tag, entry, fmt, chunk_tokens, on_disk)
     mx.eval(contents.arrays)
     # an array object of its own over the same data: the data is then shared, so MLX
@@ -361,7 +366,7 @@ def _write_arrays(path: Path, metadata: dict[str, str],
 
 def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
                 fmt: DiskFormat = DiskFormat.NATIVE, chunk_tokens: int | None = None,
-                on_disk: frozenset[str] = frozenset()) -> int:
+                on_disk: Callable[[str], bool] = _nowhere) -> int:
     """Write one agent's cache to ``path`` atomically, its KV in ``fmt`` (and in chunks of
     ``chunk_tokens``), with a checksum of every array; returns the size of ``path``."""
     return write_prepared(path, prepare_file(tag, entry, fmt, chunk_tokens, on_disk))
