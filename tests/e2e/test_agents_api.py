@@ -132,17 +132,18 @@ def test_anthropic_tool_use_then_tool_result(smol_server):
     tools = [{"name": "get_weather", "description": "Current weather in a city",
               "input_schema": WEATHER["function"]["parameters"]}]
     messages = list(ASK)
-    first = client.messages.create(model=smol_server.model, max_tokens=40, messages=messages,
-                                   tools=tools, tool_choice={"type": "any"})
+    # Greedy, as a sampled city name of up to 30 characters can outrun any token limit.
+    first = client.messages.create(model=smol_server.model, max_tokens=60, messages=messages,
+                                   tools=tools, tool_choice={"type": "any"}, **GREEDY)
     assert first.stop_reason == "tool_use"
     (use,) = [block for block in first.content if block.type == "tool_use"]
     WeatherArgs.model_validate(use.input)
     messages += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                                "content": "Sunny"}]}]
-    with client.messages.stream(model=smol_server.model, max_tokens=40, messages=messages,
-                                tools=tools, tool_choice={"type": "tool",
-                                                          "name": "get_weather"}) as stream:
+    with client.messages.stream(model=smol_server.model, max_tokens=60, messages=messages,
+                                tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
+                                **GREEDY) as stream:
         second = stream.get_final_message()
     assert second.stop_reason == "tool_use"
     WeatherArgs.model_validate(next(b for b in second.content if b.type == "tool_use").input)
