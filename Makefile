@@ -37,7 +37,8 @@ $(INSTALLED): pyproject.toml scripts/install_services
 	./scripts/install_services
 	touch $@
 
-$(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja src/semantic_server/models/gguf_import.py src/semantic_server/models/gguf_blocks.py
+$(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja src/semantic_server/models/gguf_import.py \
+		src/semantic_server/models/gguf_reader.py src/semantic_server/models/gguf_blocks.py
 	$(PY) scripts/fetch_models
 	touch $@
 

@@ -134,7 +134,8 @@ def test_anthropic_tool_use_then_tool_result(smol_server):
     messages = list(ASK)
     # Greedy, as a sampled city name of up to 30 characters can outrun any token limit.
     first = client.messages.create(model=smol_server.model, max_tokens=60, messages=messages,
-                                   tools=tools, tool_choice={"type": "any"}, **GREEDY)
+                                   tools=tools, tool_choice={"type": "any"},
+                                   extra_body=GREEDY)
     assert first.stop_reason == "tool_use"
     (use,) = [block for block in first.content if block.type == "tool_use"]
     WeatherArgs.model_validate(use.input)
@@ -143,7 +144,7 @@ def test_anthropic_tool_use_then_tool_result(smol_server):
                                                "content": "Sunny"}]}]
     with client.messages.stream(model=smol_server.model, max_tokens=60, messages=messages,
                                 tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
-                                **GREEDY) as stream:
+                                extra_body=GREEDY) as stream:
         second = stream.get_final_message()
     assert second.stop_reason == "tool_use"
     WeatherArgs.model_validate(next(b for b in second.content if b.type == "tool_use").input)

@@ -88,17 +88,9 @@ def test_two_models_serve_side_by_side_and_every_agent_stays_warm(pair_server):
 ONE_SMOLLM2 = 1100 * 2**20
 
 
-@pytest.fixture(scope="module")
-def twin(models_dir, tmp_path_factory):
-    """SmolLM2 under a second name: a second model exactly as large as the first, so that
-    neither fits beside the other (Gemma, whose load peaks at 2.3 GiB, would leave room
-    for SmolLM2 beside it within any budget it fits)."""
-    alias = tmp_path_factory.mktemp("models") / f"{SMOLLM2}-twin"
-    alias.symlink_to(models_dir / SMOLLM2)
-    return alias
-
-
 def test_with_room_for_one_agents_run_in_per_model_batches_and_stay_warm(twin):
+    # The twin is as large as SmolLM2, so neither fits beside the other (Gemma, whose load
+    # peaks at 2.3 GiB, would leave room for SmolLM2 beside it within any budget it fits).
     server = ServerProcess(SMOLLM2, admin_key=KEY, load_on_demand="true",
                            memory_budget_bytes=str(ONE_SMOLLM2), min_residency_seconds="1",
                            extra_models=json.dumps([str(twin)])).start()

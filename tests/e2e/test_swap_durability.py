@@ -4,6 +4,7 @@ odd agent ids are tested in the fast tier.)"""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import threading
 
@@ -11,8 +12,8 @@ import httpx
 
 from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import read_cache
-from tests.conftest import GEMMA, SMOLLM2
-from tests.e2e.helpers import DUAL_STEPS, GREEDY, HISTORY, KEY, SEQUENTIAL_STEPS, swap
+from tests.conftest import SMOLLM2
+from tests.e2e.helpers import ADMIN, DUAL_STEPS, GREEDY, HISTORY, KEY, SEQUENTIAL_STEPS, swap
 from tests.polling import wait_for
 
 
@@ -24,8 +25,9 @@ def _all_cache_files_valid(cache_dir) -> int:
     return len(files)
 
 
-def test_four_agents_through_a_swap_round_trip(models_dir, tmp_path):
-    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path)).start()
+def test_four_agents_through_a_swap_round_trip(twin, tmp_path):
+    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path),
+                           extra_models=json.dumps([str(twin)])).start()
     try:
         stop = threading.Event()
         outcomes: list[tuple[str, int, str]] = []
@@ -44,10 +46,10 @@ def test_four_agents_through_a_swap_round_trip(models_dir, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             workers = [pool.submit(agent, i) for i in range(4)]
-            # Both paths under load: Gemma loads beside SmolLM2 (dual), then SmolLM2 comes
-            # back in eight steps (sequential).
+            # Both paths under load: the twin loads beside SmolLM2 (dual), then SmolLM2
+            # comes back in eight steps (sequential).
             results = [swap(server, model, mode=mode)
-                       for model, mode in ((GEMMA, "dual"), (SMOLLM2, "sequential"))]
+                       for model, mode in ((twin.name, "dual"), (SMOLLM2, "sequential"))]
             stop.set()
             for worker in workers:
                 worker.result()
@@ -58,16 +60,17 @@ def test_four_agents_through_a_swap_round_trip(models_dir, tmp_path):
             assert all(s["duration_ms"] >= 0 for s in body["steps"])
         failures = [o for o in outcomes if o[1] != 200]
         print(f"{len(outcomes)} requests, {len(failures)} failed;",
-              {m: sum(o[2] == m for o in outcomes) for m in (SMOLLM2, GEMMA)})
+              {m: sum(o[2] == m for o in outcomes) for m in (SMOLLM2, twin.name)})
         assert not failures
-        assert {o[2] for o in outcomes} == {SMOLLM2, GEMMA}
+        assert {o[2] for o in outcomes} == {SMOLLM2, twin.name}
     finally:
         server.stop()
     assert _all_cache_files_valid(tmp_path) >= 4
 
 
-def test_kill_9_mid_write_leaves_valid_files(models_dir, tmp_path):
-    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path)).start()
+def test_kill_9_mid_write_leaves_valid_files(twin, tmp_path):
+    server = ServerProcess(SMOLLM2, admin_key=KEY, cache_dir=str(tmp_path),
+                           extra_models=json.dumps([str(twin)])).start()
     client = server.client("big-agent")
     client.chat.completions.create(model=SMOLLM2, messages=[
         {"role": "user", "content": HISTORY[:len(HISTORY) // 3] + "Summarise."}], max_tokens=4,
@@ -77,7 +80,7 @@ def test_kill_9_mid_write_leaves_valid_files(models_dir, tmp_path):
             model=SMOLLM2, messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=2)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: httpx.post(f"{server.url}/admin/models/swap", timeout=600,
-                                       json={"model_id": GEMMA}, headers={"X-Admin-Key": KEY}))
+                                       json={"model_id": twin.name}, headers=ADMIN))
         # kill in the middle of a cache file's write (a 40 MB file takes tens of ms)
         wait_for(lambda: list(tmp_path.glob("*/.*.tmp.safetensors")), timeout=120,
                  interval=0.001, what="a cache file being written")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from semantic_server.errors import GGUFImportError
 from semantic_server.models.gguf_blocks import GROUP_SIZE, decode_exact, is_exact
+from semantic_server.models.gguf_reader import FastGGUFReader
 
 IMPORTER_VERSION = 2
 MANIFEST = "import.json"
@@ -141,7 +142,7 @@ def _open(path: Path) -> GGUFReader:
     if not path.is_file():
         raise GGUFImportError(f"{path}: no such file")
     try:
-        reader = GGUFReader(path)
+        reader = FastGGUFReader(path)
     except Exception as exc:  # the gguf package raises many types for a damaged file
         raise GGUFImportError(f"{path}: not a readable GGUF file ({exc})") from exc
     expected = reader.data_offset + sum(int(t.n_bytes) for t in reader.tensors)
