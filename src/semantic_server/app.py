@@ -99,6 +99,13 @@ def kv_budget(settings: Settings) -> int:
     return settings.kv_budget_bytes or psutil.virtual_memory().available // 4
 
 
+def write_behind_bytes(settings: Settings, kv_bytes: int) -> int:
+    """The configured bound on evicted caches waiting for the writer, or a quarter of the
+    KV budget."""
+    configured = settings.cache_write_behind_bytes
+    return kv_bytes // 4 if configured is None else configured
+
+
 def memory_budget(settings: Settings, kv_bytes: int) -> int:
     """The configured memory budget for model weights, or three quarters of RAM less the
     KV budget."""
@@ -134,7 +141,8 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
               if settings.cache_write_behind or shared else None)
     store = AgentCacheStore(pool, settings.cache_dir, settings.cache_reuse,
                              disk_budget(settings), settings.cache_disk_format, writer, shared,
-                             settings.cache_chunk_tokens or None)
+                             settings.cache_chunk_tokens or None,
+                             write_behind_bytes(settings, pool.budget_bytes))
     engine = BatchEngine(store, max_batch=settings.max_batch,
                          prefill_step_size=settings.prefill_step_size,
                          shared_prefix_entries=settings.shared_prefix_entries,

@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         True, description="Write caches evicted to make room on a writer thread, so running "
         "streams do not stall on the disk (a swap and shutdown still wait for every write); "
         "false: write them on the engine thread.")
+    cache_write_behind_bytes: int | None = Field(
+        None, ge=0, description="Most memory that caches evicted to make room may hold while "
+        "they wait for the writer thread; an eviction beyond it waits for the disk (as "
+        "without write-behind). So hot caches and these together stay within the KV budget "
+        "plus this (or one spill larger than it, alone). Default a quarter of the KV budget.")
     cache_disk_format: DiskFormat = Field(
         DiskFormat.NATIVE, description="How cache files store KV: native (as computed, "
         "lossless), float16, q8 or q4 (MLX affine quantization, groups of 32). Files of "

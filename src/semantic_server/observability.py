@@ -124,6 +124,10 @@ class _StateCollector(Collector):
         for operation in ("put", "get", "delete", "lease"):
             shared.add_metric([operation], state.shared_errors.get(operation, 0))
         yield shared
+        yield CounterMetricFamily("semantic_cache_write_behind_waits",
+                                  "Evictions that waited for the disk: the caches waiting "
+                                  "for the writer thread held their bound",
+                                  value=state.write_behind_waits)
         yield CounterMetricFamily("semantic_cache_disk_deletions",
                                   "Cold agent caches deleted to keep within the disk budget",
                                   value=state.disk_deletions)
@@ -137,6 +141,9 @@ class _StateCollector(Collector):
              {("used",): state.pool.used_bytes, ("reserved",): state.pool.reserved_bytes,
               ("free",): state.pool.budget_bytes - state.pool.used_bytes
               - state.pool.reserved_bytes}),
+            ("semantic_cache_writing_bytes", "Memory held by evicted caches waiting for "
+             "the writer thread (outside the KV pool, within its own bound)", [],
+             {(): state.writing_bytes}),
             ("semantic_requests_in_flight", "Requests running", [],
              {(): state.in_flight}),
             ("semantic_requests_pinned", "Requests pinned to each resident model version",

@@ -68,6 +68,8 @@ class ServerSnapshot:
     lookups: dict[Lookup, int]
     write_failures: int
     disk_deletions: int
+    writing_bytes: int  # spills waiting for the writer thread
+    write_behind_waits: int
     disk_budget_bytes: int | None
     memory: MemorySnapshot
     blas: str
@@ -109,6 +111,8 @@ class ServerSnapshot:
                        "disk_budget_bytes": self.disk_budget_bytes,
                        "disk_deletions": self.disk_deletions,
                        "write_failures": self.write_failures,
+                       "writing_bytes": self.writing_bytes,
+                       "write_behind_waits": self.write_behind_waits,
                        "lookups": {k.value: v for k, v in self.lookups.items()}},
         }
 
@@ -148,6 +152,8 @@ def take_snapshot(engine: BatchEngine, gate: AdmissionGate, versions: ModelVersi
         lookups={outcome: store.lookups.get(outcome, 0) for outcome in Lookup},
         write_failures=store.write_failures,
         disk_deletions=store.disk_deletions,
+        writing_bytes=store.writing_bytes,
+        write_behind_waits=store.write_behind_waits,
         disk_budget_bytes=store.disk_budget_bytes,
         memory=MemorySnapshot.now(),
         blas=blas_status().name,

@@ -32,6 +32,7 @@ from semantic_server.cache.cache_writer import CacheWriter
 from semantic_server.config import CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
+from tests.polling import wait_for
 
 DIMS = ModelDims(2, 1, 8, "float32", (LayerCache(LayerKind.GLOBAL),
                                        LayerCache(LayerKind.SLIDING, 16)))
@@ -416,9 +417,12 @@ class GatedWrites:
         return write_prepared(path, prepared)
 
 
-def _store_behind(tmp_path, writes: GatedWrites, budget_tokens: int = 8):
+def _store_behind(tmp_path, writes: GatedWrites, budget_tokens: int = 8,
+                  behind_tokens: int | None = None):
     pool = BlockPool(budget_bytes=BlockPool(1, 4).bytes_for(DIMS, budget_tokens), block_tokens=4)
-    store = AgentCacheStore(pool, tmp_path, writer=CacheWriter(writes))
+    bound = None if behind_tokens is None else pool.bytes_for(DIMS, behind_tokens)
+    store = AgentCacheStore(pool, tmp_path, writer=CacheWriter(writes),
+                            write_behind_bytes=bound)
     store.add_model(TAG, DIMS)
     return store
 
@@ -458,6 +462,34 @@ def test_a_write_that_fails_is_retried_once_then_counted_and_the_cache_stays_hot
     store.flush()
     assert writes.attempts == 2 and store.write_failures == 1
     assert _hot(store) == ["a"]  # kept in memory, not lost
+    store.close()
+
+
+def test_spills_waiting_for_the_writer_hold_their_bound_and_then_wait_for_the_disk(tmp_path):
+    writes = GatedWrites()
+    store = _store_behind(tmp_path, writes, behind_tokens=8)  # room for one spill behind
+    one = store.pool.bytes_for(DIMS, 8)
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    store.checkin(AgentCache("b", _layers(8), list(range(8)), TAG))  # a is queued
+    assert store.writing_bytes == one and store.write_behind_waits == 0
+    seen = []
+
+    def disk() -> None:  # the writer's disk, released once b's spill waits for it
+        wait_for(lambda: store.write_behind_waits == 1, timeout=10, what="the spill to wait")
+        seen.append(store.writing_bytes)
+        writes.gate.set()
+
+    releaser = threading.Thread(target=disk)
+    releaser.start()
+    # b's spill would hold two behind: this (engine) thread waits for a's write.
+    store.checkin(AgentCache("c", _layers(8), list(range(8)), TAG))
+    releaser.join(timeout=30)
+    assert seen == [one]  # while it waited, only a was behind
+    assert store.writing_bytes <= one  # a written; b at most behind
+    store.flush()
+    assert store.writing_bytes == 0 and _hot(store) == ["c"]
+    assert sorted(p.name for p in store.cold_files()) == sorted(
+        agent_file_name(agent) for agent in ("a", "b"))
     store.close()
 
 

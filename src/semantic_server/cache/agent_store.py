@@ -141,6 +141,7 @@ class Pending:
     number: int  # its write job's
     entry: AgentCache
     nbytes: int  # what the file will take, for the disk budget
+    memory: int  # what it holds in memory meanwhile, for the write-behind bound
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -194,14 +195,17 @@ class AgentCacheStore:
                  disk_budget_bytes: int | None = None,
                  disk_format: DiskFormat = DiskFormat.NATIVE,
                  writer: CacheWriter | None = None, shared: SharedStore | None = None,
-                 chunk_tokens: int | None = CHUNK_TOKENS) -> None:
+                 chunk_tokens: int | None = CHUNK_TOKENS,
+                 write_behind_bytes: int | None = None) -> None:
         """``disk_format``: how the files this store writes hold their KV (it reads every
         format). ``writer``: spills are written behind by it (None: on the caller's
         thread). ``shared``: the Redis store other servers read (its writer writes through
         to it), which this store writes back to at the end of every agent turn.
         ``chunk_tokens``: the size of the content-addressed prefix chunks files keep their
         full-attention KV in (None: whole files). With a shared store files stay whole: a
-        Redis value must be a cache on its own."""
+        Redis value must be a cache on its own. ``write_behind_bytes``: the most memory
+        spills may hold while they wait for the writer; a spill beyond it waits for the
+        disk (None: no bound)."""
         self.pool = pool
         self.cache_dir = Path(cache_dir)
         self.reuse = CacheReuse(reuse)
@@ -226,6 +230,8 @@ class AgentCacheStore:
         self.shared = shared
         self.written_back: dict[str, int] = {}  # agent -> its newest write job to Redis
         self._pending: dict[Path, Pending] = {}  # spills the writer has not finished
+        self.write_behind_bytes = write_behind_bytes
+        self.write_behind_waits = 0  # spills that waited for the disk, over the bound
 
     def _scan(self) -> dict[Path, tuple[int, float]]:
         """Index the cache files and chunks on disk (and which chunks each file lists);
@@ -509,6 +515,7 @@ class AgentCacheStore:
             if self.writer is None:
                 self._write(out)
             else:  # the job holds its chunks from now on
+                self._room_behind(self._bytes(entry))
                 self._queue(out, pending=entry)
                 out = None
         except Exception as exc:  # logged and counted, never fatal
@@ -543,7 +550,29 @@ class AgentCacheStore:
         if self.shared is not None:
             self.written_back[out.agent_id] = job.number
         if pending is not None:
-            self._pending[out.path] = Pending(job.number, pending, out.nbytes)
+            self._pending[out.path] = Pending(job.number, pending, out.nbytes,
+                                              self._bytes(pending))
+
+    @property
+    def writing_bytes(self) -> int:
+        """Memory held by spills waiting for the writer (outside the KV pool); safe to read
+        from another thread (copies first)."""
+        return sum(pending.memory for pending in dict(self._pending).values())
+
+    def _room_behind(self, need: int) -> None:
+        """Wait (engine thread) until a spill holding ``need`` bytes fits beside the spills
+        still waiting for the writer, within ``write_behind_bytes``: when the disk falls
+        behind, evictions wait for it as they would without write-behind, and memory stays
+        within the KV budget plus the bound."""
+        assert self.writer is not None
+        self.collect()
+        if self.write_behind_bytes is None:
+            return
+        if self._pending and self.writing_bytes + need > self.write_behind_bytes:
+            self.write_behind_waits += 1
+        while self._pending and self.writing_bytes + need > self.write_behind_bytes:
+            self.writer.wait(min(pending.number for pending in self._pending.values()))
+            self.collect()
 
     def collect(self) -> None:
         """Take the writer's results: written files join the index; a file that could not

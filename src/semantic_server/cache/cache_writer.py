@@ -64,6 +64,11 @@ class CacheWriter:
         """Whether job ``number`` (and every job before it) is done."""
         return self._finished >= number
 
+    def wait(self, number: int) -> None:
+        """Wait until job ``number`` (and every job before it) is done."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._finished >= number)
+
     def flush(self) -> None:
         """Wait until every queued file is written (or has failed)."""
         self._jobs.join()
