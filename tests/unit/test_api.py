@@ -84,6 +84,9 @@ def test_health_status_and_metrics_read_one_snapshot(client):
     assert samples[("semantic_cache_lookups_total", (("outcome", "miss"),))] == 1
     assert samples[("semantic_kv_bytes", (("state", "used"),))] == \
         current["kv_pool"]["used_bytes"]
+    assert samples[("semantic_cache_writing_bytes", ())] == current["caches"]["writing_bytes"]
+    assert samples[("semantic_cache_write_behind_waits_total", ())] == \
+        current["caches"]["write_behind_waits"] == 0
 
 
 def test_swap_outcomes_map_to_statuses_and_are_all_recorded(client, fake_models):
