@@ -275,4 +275,7 @@ def test_the_policy_averages_what_it_measures_and_ignores_short_prefills():
     assert policy.restore_pays("m", 1000, 10)  # 1 ms to read, 0.12 s to prefill
     assert not policy.restore_pays("m", 10**6, 10)  # 1 s to read, 0.12 s to prefill
     assert policy.restore_pays("m", 10**6, 100)  # 1 s to read, 1.2 s to prefill
+    # Faster to prefill, but not by the margin a noisy measurement needs: read.
+    assert policy.restore_pays("m", 10**6, 50)  # 1 s to read, 0.6 s to prefill
+    assert not policy.restore_pays("m", 10**6, 40)  # 1 s to read, 0.48 s to prefill
     assert policy.restore_pays("other", 1000, 10)  # its model's rate is unknown

@@ -13,6 +13,10 @@ from __future__ import annotations
 WEIGHT = 0.2  # of each new measurement in the moving averages
 MIN_PREFILL_TOKENS = 32  # shorter prefills are mostly fixed cost, not a rate
 MIN_READ_BYTES = 1 << 20  # so are smaller reads
+# A cache is prefilled instead of read only when that is expected to take at most half the
+# time: the rates are moving averages of noisy wall-clock measurements (a read slowed by
+# a busy core sets the rate too), and a needless prefill throws away a cache that was there.
+RECOMPUTE_MARGIN = 2.0
 
 
 class RestoreOrRecompute:
@@ -37,9 +41,10 @@ class RestoreOrRecompute:
                 self.prefill_seconds_per_token.get(model), seconds / tokens)
 
     def restore_pays(self, model: str, nbytes: int, tokens: int) -> bool:
-        """Whether reading ``nbytes`` is expected to be no slower than prefilling the
-        ``tokens`` they hold on ``model`` (True until both rates are known)."""
+        """Whether reading ``nbytes`` is to be preferred to prefilling the ``tokens`` they
+        hold on ``model``: unless the prefill is expected to take at most 1/RECOMPUTE_MARGIN
+        of the read (True until both rates are known)."""
         per_token = self.prefill_seconds_per_token.get(model)
         if self.read_seconds_per_byte is None or per_token is None:
             return True
-        return nbytes * self.read_seconds_per_byte <= tokens * per_token
+        return nbytes * self.read_seconds_per_byte < RECOMPUTE_MARGIN * tokens * per_token
