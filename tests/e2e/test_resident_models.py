@@ -114,9 +114,10 @@ def test_with_room_for_one_agents_run_in_per_model_batches_and_stay_warm(twin):
         swaps = httpx.get(f"{server.url}/admin/swaps", headers=ADMIN).json()["data"]
         assert {s["kind"] for s in swaps} == {"swap"}  # never beside: there is no room
         assert all(s["status"] == "success" for s in swaps)
-        # One swap per change of model: the first round brings the twin once for both
-        # scouts; each later round changes model at most twice, never once per request.
-        assert 1 + 1 <= len(swaps) <= 1 + 2 * (rounds - 1), [s["new_model_id"] for s in swaps]
+        # One swap per change of model, never one per request: a round changes model at
+        # most twice (to the twin for both scouts, and back for the planner, in whichever
+        # order their requests arrive), and the rounds after the first at least once.
+        assert 1 + 1 <= len(swaps) <= 2 * rounds, [s["new_model_id"] for s in swaps]
 
         serving = httpx.get(f"{server.url}/health").json()["model"]
         other = SMOLLM2 if serving == twin.name else twin.name

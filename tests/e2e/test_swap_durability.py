@@ -16,6 +16,8 @@ from tests.conftest import SMOLLM2
 from tests.e2e.helpers import ADMIN, DUAL_STEPS, GREEDY, HISTORY, KEY, SEQUENTIAL_STEPS, swap
 from tests.polling import wait_for
 
+PARTIAL = "**/.*.tmp.safetensors"  # a file being written, in a model's folder or its chunks
+
 
 def _all_cache_files_valid(cache_dir) -> int:
     files = [p for p in cache_dir.glob("*/*.safetensors")
@@ -81,15 +83,16 @@ def test_kill_9_mid_write_leaves_valid_files(twin, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: httpx.post(f"{server.url}/admin/models/swap", timeout=600,
                                        json={"model_id": twin.name}, headers=ADMIN))
-        # kill in the middle of a cache file's write (a 40 MB file takes tens of ms)
-        wait_for(lambda: list(tmp_path.glob("*/.*.tmp.safetensors")), timeout=120,
+        # Kill in the middle of a write: an agent's own file or one of the prefix chunks it
+        # lists (the big agent's four chunks are 5.9 MB each).
+        wait_for(lambda: list(tmp_path.glob(PARTIAL)), timeout=120,
                  interval=0.001, what="a cache file being written")
         server.stop(signal.SIGKILL)
-    partial = list(tmp_path.glob("*/.*.tmp.safetensors"))
+    partial = list(tmp_path.glob(PARTIAL))
     print("killed while writing", [p.name for p in partial])
     _all_cache_files_valid(tmp_path)
     server.start()
-    assert not list(tmp_path.glob("*/.*.tmp.safetensors"))
+    assert not list(tmp_path.glob(PARTIAL))
     assert server.health()["state"] == "ready"
     reply = server.client("small-agent-0").chat.completions.create(
         model=SMOLLM2, messages=[{"role": "user", "content": "Hi 0"}], max_tokens=2)
