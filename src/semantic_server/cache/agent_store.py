@@ -553,26 +553,34 @@ class AgentCacheStore:
             self._pending[out.path] = Pending(job.number, pending, out.nbytes,
                                               self._bytes(pending))
 
+    def _behind(self) -> list[Pending]:
+        """Spills whose write the writer has not finished (safe from another thread)."""
+        writer = self.writer
+        return [pending for pending in dict(self._pending).values()
+                if writer is not None and not writer.finished(pending.number)]
+
     @property
     def writing_bytes(self) -> int:
-        """Memory held by spills waiting for the writer (outside the KV pool); safe to read
-        from another thread (copies first)."""
-        return sum(pending.memory for pending in dict(self._pending).values())
+        """Memory held by spills waiting for the writer (outside the KV pool)."""
+        return sum(pending.memory for pending in self._behind())
 
     def _room_behind(self, need: int) -> None:
         """Wait (engine thread) until a spill holding ``need`` bytes fits beside the spills
         still waiting for the writer, within ``write_behind_bytes``: when the disk falls
         behind, evictions wait for it as they would without write-behind, and memory stays
-        within the KV budget plus the bound."""
+        within the KV budget plus the bound. Nothing is collected here (a failed write's
+        cache coming back hot would take the room an eviction is making): the engine thread
+        collects finished writes when the writer tells it, between steps."""
         assert self.writer is not None
-        self.collect()
         if self.write_behind_bytes is None:
             return
-        if self._pending and self.writing_bytes + need > self.write_behind_bytes:
-            self.write_behind_waits += 1
-        while self._pending and self.writing_bytes + need > self.write_behind_bytes:
-            self.writer.wait(min(pending.number for pending in self._pending.values()))
-            self.collect()
+        behind = self._behind()
+        if not behind or sum(p.memory for p in behind) + need <= self.write_behind_bytes:
+            return
+        self.write_behind_waits += 1
+        while behind and sum(p.memory for p in behind) + need > self.write_behind_bytes:
+            self.writer.wait(min(pending.number for pending in behind))
+            behind = self._behind()
 
     def collect(self) -> None:
         """Take the writer's results: written files join the index; a file that could not
