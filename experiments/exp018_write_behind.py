@@ -332,6 +332,8 @@ class Bench:
                         "restored": turn.cached >= 0.9 * history_tokens}
         return {
             "mode": mode.name, "run": run, "budget_bytes": budget,
+            "write_behind_waits_so_far": store.write_behind_waits,
+            "write_behind_bound_bytes": store.write_behind_bytes,
             "idle_tokens": len(self.template.tokens),
             "generated": generated, "seconds": seconds,
             "tokens_per_second": generated / seconds,

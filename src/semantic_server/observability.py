@@ -142,7 +142,8 @@ class _StateCollector(Collector):
               ("free",): state.pool.budget_bytes - state.pool.used_bytes
               - state.pool.reserved_bytes}),
             ("semantic_cache_writing_bytes", "Memory held by evicted caches waiting for "
-             "the writer thread (outside the KV pool, within its own bound)", [],
+             "the writer thread (outside the KV pool; see SEMANTIC_CACHE_WRITE_BEHIND_BYTES)",
+             [],
              {(): state.writing_bytes}),
             ("semantic_requests_in_flight", "Requests running", [],
              {(): state.in_flight}),

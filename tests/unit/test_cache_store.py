@@ -493,6 +493,17 @@ def test_spills_waiting_for_the_writer_hold_their_bound_and_then_wait_for_the_di
     store.close()
 
 
+def test_a_spill_after_the_writer_closed_is_written_at_once_and_waits_for_nothing(tmp_path):
+    writes = GatedWrites()
+    writes.gate.set()
+    store = _store_behind(tmp_path, writes, behind_tokens=0)
+    store.close()  # shutting down: the engine may still evict before it stops
+    store.checkin(AgentCache("a", _layers(8), list(range(8)), TAG))
+    store.checkin(AgentCache("b", _layers(8), list(range(8)), TAG))  # a spills
+    assert store.cold_files() == [tmp_path / TAG.digest / agent_file_name("a")]
+    assert store.writing_bytes == 0 and store.write_behind_waits == 0
+
+
 def test_evict_all_waits_for_writes_behind_and_stays_all_or_nothing(tmp_path):
     writes = GatedWrites()
     store = _store_behind(tmp_path, writes)

@@ -512,7 +512,7 @@ class AgentCacheStore:
         try:
             out = self._prepare(entry)
             self._make_room([out])
-            if self.writer is None:
+            if self.writer is None or self.writer.closed:  # closed: shutting down
                 self._write(out)
             else:  # the job holds its chunks from now on
                 self._room_behind(self._bytes(entry))

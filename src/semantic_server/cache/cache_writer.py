@@ -52,10 +52,13 @@ class CacheWriter:
         self._finished = 0  # the number of the last job done (jobs end in their order)
         self.on_done: Callable[[], None] | None = None  # told after each job (the engine)
         self._progress = threading.Condition()
+        self.closed = False  # closing: it takes no more jobs (what was queued is written)
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
 
     def submit(self, path: Path, prepared: PreparedFile) -> WriteJob:
+        if self.closed:
+            raise RuntimeError("the cache writer is closed")
         job = WriteJob(next(self._numbers), path, prepared)
         self._jobs.put(job)
         return job
@@ -65,16 +68,21 @@ class CacheWriter:
         return self._finished >= number
 
     def wait(self, number: int) -> None:
-        """Wait until job ``number`` (and every job before it) is done."""
+        """Wait until job ``number`` (and every job before it) is done, or the writer is
+        closing (its callers then write their files themselves)."""
         with self._progress:
-            self._progress.wait_for(lambda: self._finished >= number)
+            self._progress.wait_for(lambda: self._finished >= number or self.closed)
 
     def flush(self) -> None:
         """Wait until every queued file is written (or has failed)."""
         self._jobs.join()
 
     def close(self) -> None:
-        """Write what is queued, then stop the thread."""
+        """Write what is queued, then stop the thread (from now on, callers write their
+        files themselves, and nobody waits for the writer)."""
+        with self._progress:
+            self.closed = True
+            self._progress.notify_all()
         self._jobs.put(None)
         self._thread.join()
 

@@ -27,6 +27,8 @@ class FastGGUFReader(GGUFReader):
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype = self._get(orig_offs, np.uint32)
         alen = self._get(orig_offs + 4, np.uint64)
+        if int(alen[0]) == 0:  # gguf's own: it never reads an empty array's element type
+            return super()._get_field_parts(orig_offs, raw_type)
         itype = GGUFValueType(raw_itype[0])
         offs = orig_offs + 12
         if itype == GGUFValueType.STRING:
