@@ -14,9 +14,11 @@ from experiments.servers import RedisProcess, free_port
 from semantic_server.cache.agent_store import AgentCacheStore, Lookup
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import AgentCache, agent_file_name, prepare_file
+from semantic_server.cache.prefix_chunks import CHUNKS
 from semantic_server.cache.shared_store import SharedStore
 from tests.polling import wait_for
 from tests.unit.test_cache_store import DIMS, TAG, _layers
+from tests.unit.test_prefix_chunks import FULL, FULL_TAG, _cache
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,28 @@ def test_redis_down_is_counted_and_its_password_never_shown(caplog):
     assert shared.errors["lease"] == 1
     assert shared.where == f"redis://127.0.0.1:{url.rsplit(':', 1)[1]}"
     assert "very-secret-password" not in caplog.text and "very-secret" not in shared.where
+
+
+def test_a_whole_copy_from_redis_frees_the_chunks_of_the_file_it_replaces(tmp_path,
+                                                                        redis_server):
+    # Before SEMANTIC_CACHE_STORE named Redis, this server kept the agent in chunks.
+    folder = tmp_path / "server"
+    local = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), folder,
+                            chunk_tokens=4)
+    local.add_model(FULL_TAG, FULL)
+    local.checkin(_cache("a", list(range(8))))
+    local.evict_all(FULL_TAG)
+    chunks = folder / FULL_TAG.digest / CHUNKS
+    assert len(list(chunks.glob("*.safetensors"))) == 1  # tokens 0-3 (a file keeps its last)
+    # Another server's newer turn of the agent, in Redis (whole, as files are with Redis).
+    shared = SharedStore(redis_server.url, 2**20)
+    shared.write_through(tmp_path / "other" / FULL_TAG.digest / agent_file_name("a"),
+                         prepare_file(FULL_TAG, _cache("a", list(range(12)))))
+    store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), folder,
+                            shared=shared)  # restarted with Redis: it indexes the chunks
+    store.add_model(FULL_TAG, FULL)
+    assert store.refresh(FULL_TAG, "a") is False  # brought into the folder (none hot)
+    assert store.checkout(FULL_TAG, "a").tokens == list(range(12))
+    assert list(chunks.glob("*.safetensors")) == []  # the old file's chunks are freed
+    assert store.residency().cold_bytes == (
+        folder / FULL_TAG.digest / agent_file_name("a")).stat().st_size

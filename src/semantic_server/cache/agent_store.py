@@ -230,6 +230,7 @@ class AgentCacheStore:
         self.shared = shared
         self.written_back: dict[str, int] = {}  # agent -> its newest write job to Redis
         self._pending: dict[Path, Pending] = {}  # spills the writer has not finished
+        self._brought: set[Path] = set()  # files the shared store wrote, not indexed yet
         self.write_behind_bytes = write_behind_bytes
         self.write_behind_waits = 0  # spills that waited for the disk, over the bound
 
@@ -657,6 +658,7 @@ class AgentCacheStore:
         if read_tag_file(path.parent) != tag:
             write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
         write_atomically(path, lambda tmp: tmp.write_bytes(data))
+        self._brought.add(path)  # the engine thread indexes it when it reads it
         log.info("agent cache taken from the shared store", extra={"fields": {
             "model": tag.model_id, "tokens": remote, "held": held}})
         return hot is not None
@@ -688,6 +690,7 @@ class AgentCacheStore:
         """Index a file written (``size`` bytes); the chunks only its older version listed
         are deleted."""
         path, chunks = out.path, out.chunks
+        self._brought.discard(path)  # this store's own file, indexed here
         for chunk in chunks:
             if chunk not in self._chunks:
                 with contextlib.suppress(OSError):
@@ -793,7 +796,9 @@ class AgentCacheStore:
                     self._drop_chunk(exc.path)
                 self._quarantine(path, str(exc))
                 continue
-            if path not in self._cold:  # a file the shared store brought (whole)
+            if path not in self._cold or path in self._brought:  # the shared store's (whole)
+                self._brought.discard(path)
+                self._let_go(self._records.pop(path, ()))  # an older, chunked file's chunks
                 with contextlib.suppress(OSError):
                     self._cold[path] = (path.stat().st_size, _mtime(path))
                     self._records[path] = ()
