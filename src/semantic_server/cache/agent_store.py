@@ -516,7 +516,6 @@ class AgentCacheStore:
             if self.writer is None or self.writer.closed:  # closed: shutting down
                 self._write(out)
             else:  # the job holds its chunks from now on
-                self._room_behind(self._bytes(entry))
                 self._queue(out, pending=entry)
                 out = None
         except Exception as exc:  # logged and counted, never fatal
@@ -544,21 +543,25 @@ class AgentCacheStore:
     # ---- write-behind ----------------------------------------------------------------
     def _queue(self, out: Outgoing, pending: AgentCache | None = None) -> None:
         """Queue a prepared file for the writer; a spill (``pending``) stays in memory
-        until it is written."""
+        until it is written, once there is room for it behind (``_room_behind``)."""
         assert self.writer is not None
+        memory = self._bytes(pending) if pending is not None else 0
+        if pending is not None:
+            self._room_behind(memory)
         job = self.writer.submit(out.path, out.prepared)
         self._queued[job.number] = out
         if self.shared is not None:
             self.written_back[out.agent_id] = job.number
         if pending is not None:
-            self._pending[out.path] = Pending(job.number, pending, out.nbytes,
-                                              self._bytes(pending))
+            self._pending[out.path] = Pending(job.number, pending, out.nbytes, memory)
 
     def _behind(self) -> list[Pending]:
         """Spills whose write the writer has not finished (safe from another thread)."""
         writer = self.writer
+        if writer is None:
+            return []
         return [pending for pending in dict(self._pending).values()
-                if writer is not None and not writer.finished(pending.number)]
+                if not writer.finished(pending.number)]
 
     @property
     def writing_bytes(self) -> int:
@@ -573,13 +576,16 @@ class AgentCacheStore:
         cache coming back hot would take the room an eviction is making): the engine thread
         collects finished writes when the writer tells it, between steps."""
         assert self.writer is not None
-        if self.write_behind_bytes is None:
-            return
+        bound = self.write_behind_bytes
+
+        def over(behind: list[Pending]) -> bool:
+            return bound is not None and bool(behind) and \
+                sum(pending.memory for pending in behind) + need > bound
+
         behind = self._behind()
-        if not behind or sum(p.memory for p in behind) + need <= self.write_behind_bytes:
-            return
-        self.write_behind_waits += 1
-        while behind and sum(p.memory for p in behind) + need > self.write_behind_bytes:
+        if over(behind):
+            self.write_behind_waits += 1
+        while over(behind):
             self.writer.wait(min(pending.number for pending in behind))
             behind = self._behind()
 
