@@ -533,9 +533,9 @@ class AgentCacheStore:
         prepared = prepare_file(tag, entry, self.disk_format, self.chunk_tokens,
                                 lambda key: chunk_path(path.parent, key) in self._chunks)
         chunks = tuple(chunk_path(path.parent, key) for key in prepared.chunk_keys)
+        chunk_bytes = prepared.chunk_bytes() if prepared.to_write else 0  # all alike
         out = Outgoing(entry.agent_id, len(entry.tokens), path, prepared, chunks,
-                       prepared.own_bytes(), {chunk_path(path.parent, key):
-                                              prepared.chunk_bytes()
+                       prepared.own_bytes(), {chunk_path(path.parent, key): chunk_bytes
                                               for key, _ in prepared.to_write})
         self._users.update(chunks)
         return out

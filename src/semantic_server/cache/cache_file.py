@@ -438,10 +438,8 @@ def _read_chunk(folder: Path, key: str, tag: CacheTag, span: str) -> dict[str, m
     holds (``span``, "start:end"). A chunk missing or wrong is ``ChunkDamaged``: the store
     forgets it, so the next write that lists it makes it again."""
     path = chunk_path(folder, key)
-    if not path.exists():
-        raise ChunkDamaged(f"chunk {key} is missing", path)
     try:
-        arrays, metadata = _load(path, CacheFileError)
+        arrays, metadata = _load(path, CacheFileError)  # missing: damaged, below
         _verify_checksums(arrays, json.loads(metadata["checksums"]))
         if (metadata["chunk"] != key or metadata["tokens"] != span
                 or CacheTag.from_json(metadata["tag"]) != tag):

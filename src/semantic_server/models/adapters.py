@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from semantic_server.errors import AdapterInvalid, AdapterNotFound
 from semantic_server.models.fingerprint import weights_fingerprint
+from semantic_server.models.weight_count import read_header
 
 log = logging.getLogger(__name__)
 CONFIG = "adapter_config.json"
@@ -64,19 +64,10 @@ class Adapter:
 
 def _header(path: Path) -> dict[str, Any]:
     """A safetensors file's header: tensor name -> dtype, shape and offsets."""
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise AdapterInvalid(f"{path.name} is not a safetensors file")
-        (size,) = struct.unpack("<Q", raw)
-        if size > MAX_HEADER_BYTES:
-            raise AdapterInvalid(f"{path.name} has a header of {size} bytes")
-        try:
-            header = json.loads(handle.read(size))
-        except ValueError as exc:
-            raise AdapterInvalid(f"{path.name} has a header that is not JSON") from exc
-    if not isinstance(header, dict):
-        raise AdapterInvalid(f"{path.name} has a malformed header")
+    try:
+        header = read_header(path, MAX_HEADER_BYTES)
+    except ValueError as exc:
+        raise AdapterInvalid(str(exc)) from exc
     header.pop("__metadata__", None)
     return header
 

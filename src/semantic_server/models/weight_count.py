@@ -17,14 +17,18 @@ from typing import Any
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 
 
-def read_header(path: Path) -> dict[str, Any]:
+def read_header(path: Path, limit: int = MAX_HEADER_BYTES) -> dict[str, Any]:
     """A safetensors file's header: tensor name -> dtype, shape, offsets (ValueError when the
-    file is not one)."""
+    file is not one, or its header is over ``limit`` bytes)."""
     with path.open("rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        if not 0 < length <= MAX_HEADER_BYTES:
-            raise ValueError(f"{path.name} has no safetensors header")
-        header = json.loads(handle.read(length))
+        raw = handle.read(8)
+        length = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+        if not 0 < length <= limit:
+            raise ValueError(f"{path.name} has no safetensors header (one of {length} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as exc:
+            raise ValueError(f"{path.name} has a header that is not JSON") from exc
     if not isinstance(header, dict):
         raise ValueError(f"{path.name} has a malformed safetensors header")
     return header
