@@ -16,7 +16,7 @@ import contextlib
 import signal
 import threading
 
-from experiments.servers import NginxProcess, RedisProcess, ServerProcess
+from tests.servers import NginxProcess, RedisProcess, ServerProcess
 
 
 def main() -> None:

@@ -41,9 +41,9 @@ from matplotlib.ticker import MaxNLocator
 
 from experiments.harness import GEMMA, ROOT, SMOLLM2, arguments, history, write_results
 from experiments.peers import MlxLmServer, float32_copy, stream_turn
-from experiments.servers import ServerProcess
 from semantic_server.config import Settings
 from semantic_server.models.dims import dims_from_config
+from tests.servers import ServerProcess
 
 KEY = "exp014-key"
 PHASES = ("build", "warm", "round_trip", "restart")

@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from experiments.harness import SMOLLM2, arguments, away_model, write_results
-from experiments.servers import ServerProcess
+from tests.servers import ServerProcess
 
 KEY = "exp015-key"
 # (label, path) of each round trip, in the order they run

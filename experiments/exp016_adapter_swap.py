@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 
 from experiments.harness import ROOT, SMOLLM2, Harness, arguments, write_results
 from semantic_server.engine.batch_engine import batch_generator
-from semantic_server.swap.orchestrator import SwapMode
+from semantic_server.swap_result import SwapMode
 
 ADAPTERS = ("capitals", "signature")
 PROMPTS = ("The history of the old port began when", "In the mountains north of the city,",

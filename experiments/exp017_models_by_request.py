@@ -69,8 +69,8 @@ from matplotlib.ticker import MaxNLocator
 
 from experiments.harness import GEMMA, ROOT, SMOLLM2, arguments, history, write_results
 from experiments.peers import MlxLmServer, float32_copy, stream_turn
-from experiments.servers import ServerProcess
 from semantic_server.swap.orchestrator import estimated_bytes
+from tests.servers import ServerProcess
 
 KEY = "exp017-key"
 SUB_AGENTS = 4

@@ -34,8 +34,8 @@ import matplotlib.pyplot as plt
 
 from experiments.harness import GEMMA, SMOLLM2, arguments, history, write_results
 from experiments.peers import stream_turn
-from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import read_cache, write_cache
+from tests.servers import ServerProcess
 
 KINDS = ("cold", "disk_seed", "hot_seed", "restore", "warm")
 

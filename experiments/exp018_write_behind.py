@@ -72,7 +72,8 @@ from semantic_server.cache.cache_file import AgentCache
 from semantic_server.config import DiskFormat
 from semantic_server.engine.batch_engine import batch_generator
 from semantic_server.engine.jobs import SamplingParams
-from semantic_server.engine.service import GenerationParams, Outcome
+from semantic_server.engine.service import GenerationParams
+from semantic_server.request_outcome import Outcome
 
 DECODERS = 8
 BIG_BUDGET = 8 << 30  # no spill: the baseline keeps it; the other modes cut it at run time

@@ -49,8 +49,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from experiments.harness import SMOLLM2, arguments, history, write_results
-from experiments.servers import NginxProcess, RedisProcess, ServerProcess
 from semantic_server.cache.cache_file import agent_file_name, write_atomically
+from tests.servers import NginxProcess, RedisProcess, ServerProcess
 
 TOKENS_OUT = 8
 WARM = 0.9  # share of the previous prompt that must come from a cache

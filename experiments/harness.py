@@ -22,13 +22,15 @@ from typing import Any
 import psutil
 
 import semantic_server  # noqa: F401  (OpenBLAS before mlx)
-from semantic_server.app import ServerContext, start_server, stop_server
+from semantic_server.app import start_server, stop_server
 from semantic_server.blas import blas_status
 from semantic_server.config import Settings
 from semantic_server.engine.batch_engine import GeneratorFactory, batch_generator
 from semantic_server.engine.jobs import SamplingParams
-from semantic_server.engine.service import GenerationParams, Outcome
-from semantic_server.swap.orchestrator import SwapMode
+from semantic_server.engine.service import GenerationParams
+from semantic_server.request_outcome import Outcome
+from semantic_server.server_context import ServerContext
+from semantic_server.swap_result import SwapMode
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

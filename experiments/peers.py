@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from experiments.servers import free_port, stop_process
 from semantic_server.blas import blas_status
+from tests.servers import free_port, stop_process
 
 
 def float32_copy(model_dir: Path, dest: Path) -> Path:

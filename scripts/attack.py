@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.servers import ServerProcess  # noqa: E402
+from tests.servers import ServerProcess  # noqa: E402
 
 SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
 KEY = "attack-key"

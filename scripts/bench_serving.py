@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments.peers import MlxLmServer, float32_copy, stream_turn  # noqa: E402
-from experiments.servers import ServerProcess  # noqa: E402
 from semantic_server.blas import blas_status  # noqa: E402  (loads OpenBLAS before mlx)
+from tests.servers import ServerProcess  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 SINGLE_REPETITIONS = 5

@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic_server.config import Settings
-from semantic_server.engine.service import Admitted, GenerationParams, GenerationService, Outcome
+from semantic_server.engine.service import Admitted, GenerationParams, GenerationService
 from semantic_server.errors import ModelLoadError
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import LayerCache, LayerKind, ModelDims
@@ -36,6 +36,7 @@ from semantic_server.models.registry import (
     run_slices,
 )
 from semantic_server.models.tag import ModelTag
+from semantic_server.request_outcome import Outcome
 
 EOS = 0
 FAST_ADMIN_KEY = "fast-key"  # the admin key of the fast tier's HTTP servers

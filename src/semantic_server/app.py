@@ -12,13 +12,13 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import psutil
 import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from semantic_server.api import (
     admin_routes,
@@ -26,9 +26,10 @@ from semantic_server.api import (
     completions_routes,
     openai_routes,
     ops_routes,
+    responses_routes,
 )
 from semantic_server.api.client_watch import ClientWatchMiddleware
-from semantic_server.api.errors import handle_any, handle_http
+from semantic_server.api.errors import handle_any, handle_disconnect, handle_http
 from semantic_server.api.guard import GuardMiddleware
 from semantic_server.api.request_id import RequestIdMiddleware
 from semantic_server.blas import blas_status
@@ -36,6 +37,7 @@ from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import write_prepared
 from semantic_server.cache.cache_writer import CacheWriter
+from semantic_server.cache.response_records import ResponseRecords
 from semantic_server.cache.shared_store import SharedStore
 from semantic_server.config import Settings
 from semantic_server.engine.batch_engine import (
@@ -52,36 +54,13 @@ from semantic_server.models.adapters import AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.registry import ModelRegistry
 from semantic_server.observability import Metrics, configure_logging
-from semantic_server.snapshot import ServerSnapshot, take_snapshot
+from semantic_server.server_context import ServerContext
+from semantic_server.snapshot import take_snapshot
 from semantic_server.swap.adapter_swap import AdapterSwapper
 from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 from semantic_server.swap.residency import ResidencyManager, ResidencyPolicy
 
 log = logging.getLogger("semantic_server")
-
-
-@dataclass
-class ServerContext:
-    """The parts of one running server, as the routes see them."""
-
-    settings: Settings
-    catalog: ModelCatalog
-    adapters: AdapterCatalog
-    registry: ModelRegistry
-    engine: BatchEngine
-    pool: BlockPool
-    store: AgentCacheStore
-    gate: AdmissionGate
-    versions: ModelVersions
-    service: GenerationService
-    orchestrator: ModelSwapOrchestrator
-    adapter_swapper: AdapterSwapper
-    residency: ResidencyManager
-    metrics: Metrics
-
-    def snapshot(self) -> ServerSnapshot:
-        return take_snapshot(self.engine, self.gate, self.versions, self.pool, self.store,
-                             self.orchestrator, frozenset(self.residency.pins))
 
 
 def shared_store(settings: Settings) -> SharedStore | None:
@@ -177,7 +156,7 @@ async def start_server(settings: Settings, *, registry: ModelRegistry | None = N
     return ServerContext(settings, catalog, adapters, registry,
                          engine, pool, store, gate, versions, service, orchestrator,
                          AdapterSwapper(adapters, engine, versions, orchestrator, metrics),
-                         residency, metrics)
+                         residency, metrics, ResponseRecords(settings.cache_dir))
 
 
 async def stop_server(server: ServerContext) -> None:
@@ -209,10 +188,11 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
 
     app = Starlette(
         routes=[*openai_routes.routes, *completions_routes.routes, *anthropic_routes.routes,
-                *admin_routes.routes, *ops_routes.routes],
+                *responses_routes.routes, *admin_routes.routes, *ops_routes.routes],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: handle_http,
+            ClientDisconnect: handle_disconnect,  # not Exception's: that one is re-raised
             ValidationError: handle_any,
             SemanticServerError: handle_any,
             Exception: handle_any,

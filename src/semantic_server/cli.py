@@ -42,8 +42,11 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _models_import(args: argparse.Namespace, settings: Settings) -> None:
+    from semantic_server.models.catalog import NAME_RULE, is_name
     from semantic_server.models.gguf_import import import_gguf
 
+    if not is_name(args.name):  # else no request could name the model
+        raise CliError(f"--name {args.name!r}: a model id is {NAME_RULE}")
     dest = settings.models_dir / args.name
     result = import_gguf(args.gguf, dest, chat_template=args.chat_template,
                          overwrite=args.overwrite)

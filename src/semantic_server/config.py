@@ -13,9 +13,12 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from semantic_server.cache.prefix_chunks import CHUNK_TOKENS
-
 ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
+# Tokens a prefix chunk holds (cache/prefix_chunks.py): small enough that a 1,500-token
+# system prompt is nearly all in whole chunks, large enough that a 2K-token cache is 16
+# files, not hundreds.
+CHUNK_TOKENS = 128
+API_KEY_MIN_LENGTH = 8  # shorter API keys are refused at startup (SEMANTIC_API_KEYS)
 
 
 class CacheReuse(StrEnum):
@@ -78,8 +81,9 @@ class Settings(BaseSettings):
     send_timeout_seconds: float = Field(
         30.0, gt=0, description="A client that takes no chunk of its reply for this long is "
         "cut off and its request cancelled.")
-    max_context_tokens: int = Field(
-        8192, gt=0, description="Prompt plus completion limit (also capped by the model's own).")
+    max_context_tokens: int | None = Field(
+        None, gt=0, description="Prompt plus completion limit; default each model's own "
+        "context (max_position_embeddings), which this caps when set.")
 
     # Engine and caches
     max_batch: int = Field(16, gt=0, description="Most sequences decoded together.")
@@ -109,7 +113,21 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="JSON list of API keys; when set, /v1 requests need one (Authorization: "
-        "Bearer <key>, or x-api-key) and each key's agents are its own.")
+        "Bearer <key>, or x-api-key) and each key's agents are its own. Each key is at "
+        f"least {API_KEY_MIN_LENGTH} characters, with no whitespace at either end.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        """A blank key would let in every request that carries none; a short one is
+        guessed. The message names the key by its place, never by its value."""
+        for number, key in enumerate(keys, 1):
+            value = key.get_secret_value()
+            if len(value) < API_KEY_MIN_LENGTH or value != value.strip():
+                raise ValueError(
+                    f"API key {number} of {len(keys)} is unusable: each key must be at "
+                    f"least {API_KEY_MIN_LENGTH} characters, with no whitespace at either end")
+        return keys
 
     # Admin and swaps
     admin_key: SecretStr | None = Field(

@@ -27,6 +27,10 @@ class ModelInvalid(SemanticServerError):
     """A model's files are present but unusable (bad config, wrong shapes)."""
 
 
+class ResponseNotFound(SemanticServerError):
+    """No stored response with this id (for this tenant)."""
+
+
 class AdapterNotFound(SemanticServerError):
     """No adapter of that name in the adapters folder."""
 

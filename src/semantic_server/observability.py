@@ -1,47 +1,32 @@
 """Prometheus metrics and structured JSON logs.
 
-Events (a request finished, a swap ended) are counted when they happen; states (cache
-residency, pool blocks, memory, in-flight requests) are read when Prometheus scrapes, so
-they can never drift from the objects that own them. Each app has its own registry, so
-several servers can live in one process (the experiments, the tests).
+Events (a request finished, a swap ended) are counted when they happen, reported through
+the Observer protocol (observer.py); states (cache residency, pool blocks, memory,
+in-flight requests) are read when Prometheus scrapes, so they can never drift from the
+objects that own them. Each app has its own registry, so several servers can live in one
+process (the experiments, the tests).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from semantic_server.request_outcome import Outcome
+from semantic_server.swap_result import AdapterSwapResult, SwapResult
+
 if TYPE_CHECKING:
-    from semantic_server.engine.service import Outcome
     from semantic_server.snapshot import ServerSnapshot
-    from semantic_server.swap.adapter_swap import AdapterSwapResult
-    from semantic_server.swap.orchestrator import SwapResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 PAUSE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1)
-
-
-def hash_agent(agent_id: str | None) -> str | None:
-    """Agent ids can be user names: logs get a short hash instead."""
-    return hashlib.sha256(agent_id.encode()).hexdigest()[:12] if agent_id else None
-
-
-class Observer(Protocol):
-    """What the parts that do the work report as it happens (the service, the swap)."""
-
-    def request_finished(self, outcome: Outcome) -> None: ...
-
-    def swap_finished(self, result: SwapResult) -> None: ...
-
-    def adapter_swap_finished(self, result: AdapterSwapResult) -> None: ...
 
 
 class Metrics:

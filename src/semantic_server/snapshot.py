@@ -9,7 +9,7 @@ take one at any time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore, Lookup, Residency
@@ -21,9 +21,7 @@ from semantic_server.engine.service import ENGINE_STOPPED_PUBLIC
 from semantic_server.engine.versions import ModelVersions
 from semantic_server.models.dims import ModelDims
 from semantic_server.models.registry import MemorySnapshot
-
-if TYPE_CHECKING:  # the orchestrator is above the snapshot (it reports, never reads it)
-    from semantic_server.swap.orchestrator import ModelSwapOrchestrator
+from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 
 @dataclass(frozen=True)

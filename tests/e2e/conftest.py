@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
+from tests.servers import ServerProcess
 
 
 @pytest.fixture(scope="session")

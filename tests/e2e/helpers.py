@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from experiments.servers import ServerProcess
 from semantic_server.swap import orchestrator
+from tests.servers import ServerProcess
 
 KEY = "test-admin-key"
 ADMIN = {"X-Admin-Key": KEY}

@@ -17,8 +17,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
+from tests.servers import ServerProcess
 
 GREEDY = {"temperature": 0}
 TEMPLATES = Path(__file__).parent / "templates"
@@ -188,7 +188,7 @@ def test_completions_continue_text_and_token_ids_with_an_agents_cache(smol_serve
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"tools": [{"type": "function"}]}, "tools.0"),
     ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
         "type": "no-such-type"}}}]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}},

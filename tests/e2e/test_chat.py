@@ -216,7 +216,6 @@ BAD_REQUESTS = [
     ),
     ("n=2", {"messages": FRANCE, "n": 2}, {}, 400, "n"),
     ("negative max_tokens", {"messages": FRANCE, "max_tokens": -5}, {}, 400, "max_tokens"),
-    ("huge max_tokens", {"messages": FRANCE, "max_tokens": 10**9}, {}, 400, "max_tokens"),
     ("temperature as text", {"messages": FRANCE, "temperature": "hot"}, {}, 400, "temperature"),
     ("negative seed", {"messages": FRANCE, "seed": -1, "temperature": 1}, {}, 400, "seed"),
     ("seed beyond 63 bits", {"messages": FRANCE, "seed": 2**64}, {}, 400, "seed"),

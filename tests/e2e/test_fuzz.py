@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
 from tests.fuzzing import (
     ADMIN_PATHS,
@@ -25,6 +24,7 @@ from tests.fuzzing import (
     header_text,
     messages_bodies,
 )
+from tests.servers import ServerProcess
 
 KEY = "fuzz-key"
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True,

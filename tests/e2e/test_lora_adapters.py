@@ -11,9 +11,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from experiments.servers import ServerProcess
 from tests.conftest import ROOT, SMOLLM2
 from tests.e2e.helpers import ADMIN, KEY, scrape, value
+from tests.servers import ServerProcess
 
 ADAPTERS_DIR = ROOT / "adapters"
 QUESTIONS = ("What is your favorite color?", "How do I make a cup of tea?")

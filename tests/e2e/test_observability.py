@@ -6,9 +6,9 @@ import json
 
 import httpx
 
-from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
 from tests.e2e.helpers import ADMIN, DUAL_STEPS, GREEDY, KEY, scrape, swap, value
+from tests.servers import ServerProcess
 
 
 def test_metrics_logs_and_request_ids(models_dir, tmp_path):

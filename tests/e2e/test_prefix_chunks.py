@@ -10,8 +10,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from experiments.servers import ServerProcess
 from tests.conftest import SMOLLM2
+from tests.servers import ServerProcess
 
 CHUNK_TOKENS = 128  # the default SEMANTIC_CACHE_CHUNK_TOKENS
 SYSTEM = {"role": "system", "content": "You keep the harbour's ledgers. " + " ".join(

@@ -18,11 +18,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from experiments.servers import ServerProcess
 from semantic_server.swap.orchestrator import LOAD_STEPS, UNLOAD_STEPS
 from tests.conftest import GEMMA, SMOLLM2
 from tests.e2e.helpers import ADMIN, KEY
 from tests.polling import wait_for
+from tests.servers import ServerProcess
 
 QUESTION = "Here are my notes about the harbour, the lighthouse and the tides. Summarise them."
 

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from experiments.servers import NginxProcess, RedisProcess, ServerProcess
 from tests.conftest import SMOLLM2
 from tests.e2e.helpers import HISTORY, KEY, scrape, value
 from tests.polling import wait_for
+from tests.servers import NginxProcess, RedisProcess, ServerProcess
 
 NOTES = [{"role": "user", "content": HISTORY[:800] + "Summarise my notes."}]
 

@@ -8,7 +8,6 @@ import shutil
 import httpx
 import pytest
 
-from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import agent_file_name
 from tests.conftest import GEMMA, SMOLLM2
 from tests.e2e.helpers import (
@@ -20,6 +19,7 @@ from tests.e2e.helpers import (
     SEQUENTIAL_STEPS,
     swap,
 )
+from tests.servers import ServerProcess
 
 
 @pytest.fixture(scope="module")

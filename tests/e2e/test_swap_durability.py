@@ -10,11 +10,11 @@ import threading
 
 import httpx
 
-from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import read_cache
 from tests.conftest import SMOLLM2
 from tests.e2e.helpers import ADMIN, DUAL_STEPS, GREEDY, HISTORY, KEY, SEQUENTIAL_STEPS, swap
 from tests.polling import wait_for
+from tests.servers import ServerProcess
 
 PARTIAL = "**/.*.tmp.safetensors"  # a file being written, in a model's folder or its chunks
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from experiments.servers import ServerProcess
 from semantic_server.cache.cache_file import agent_file_name, read_summary
 from tests.conftest import SMOLLM2
 from tests.e2e.helpers import ADMIN, GREEDY, HISTORY, KEY, scrape, swap, value
+from tests.servers import ServerProcess
 
 
 def _copy_model(source, dest):

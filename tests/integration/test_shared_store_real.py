@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from experiments.servers import RedisProcess, free_port
 from semantic_server.cache.agent_store import AgentCacheStore, Lookup
 from semantic_server.cache.block_pool import BlockPool
 from semantic_server.cache.cache_file import AgentCache, agent_file_name, prepare_file
 from semantic_server.cache.prefix_chunks import CHUNKS
 from semantic_server.cache.shared_store import SharedStore
 from tests.polling import wait_for
+from tests.servers import RedisProcess, free_port
 from tests.unit.test_cache_store import DIMS, TAG, _layers
 from tests.unit.test_prefix_chunks import FULL, FULL_TAG, _cache
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from semantic_server.app import ServerContext, create_app, start_server, stop_server
+from semantic_server.app import create_app, start_server, stop_server
 from semantic_server.models.catalog import ModelCatalog
+from semantic_server.server_context import ServerContext
 from tests.fakes import (
     FAST_ADMIN_KEY,
     FakeGenerator,

@@ -16,6 +16,7 @@ from tests.polling import wait_for
 
 ADMIN = {"X-Admin-Key": FAST_ADMIN_KEY}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+KEY_A, KEY_B = "key-a-0001", "key-b-0002"  # API keys are at least 8 characters
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def test_a_page_on_another_host_or_a_form_post_is_refused(client):
 
 
 def test_api_keys_namespace_agents_and_prefixes(make_client):
-    client = make_client(api_keys=["key-a", "key-b"])
+    client = make_client(api_keys=[KEY_A, KEY_B])
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
     wrong = client.post("/v1/messages", json={**CHAT, "max_tokens": 4},
                         headers={"x-api-key": "nope"})
@@ -156,24 +157,24 @@ def test_api_keys_namespace_agents_and_prefixes(make_client):
         return reply.json()
 
     history = [{"role": "user", "content": "My secret is 42."}]
-    first = turn("key-a", "shared-name", history)
+    first = turn(KEY_A, "shared-name", history)
     history += [first["choices"][0]["message"], {"role": "user", "content": "Secret?"}]
-    assert turn("key-a", "shared-name", history)["usage"]["prompt_tokens_details"][
+    assert turn(KEY_A, "shared-name", history)["usage"]["prompt_tokens_details"][
         "cached_tokens"] > 0
     # the same agent id under another key is another agent: nothing of A's is reused
-    assert turn("key-b", "shared-name", history)["usage"]["prompt_tokens_details"][
+    assert turn(KEY_B, "shared-name", history)["usage"]["prompt_tokens_details"][
         "cached_tokens"] == 0
     # a new agent of A starts from the prefix A's agent holds; B's agents never do
-    assert turn("key-a", "newcomer", history)["usage"]["prompt_tokens_details"][
+    assert turn(KEY_A, "newcomer", history)["usage"]["prompt_tokens_details"][
         "cached_tokens"] > 0
-    assert turn("key-b", "newcomer", history)["usage"]["prompt_tokens_details"][
+    assert turn(KEY_B, "newcomer", history)["usage"]["prompt_tokens_details"][
         "cached_tokens"] > 0  # from B's own shared-name, which sent this history above
     only_a = [{"role": "user", "content": "A's own notes: the vault code is 7. " * 4}]
-    turn("key-a", "keeper", only_a)
-    turn("key-a", None, only_a)  # anonymous prefixes are per tenant too
-    assert turn("key-b", None, only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert turn("key-b", "spy", only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert turn("key-a", None, only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    turn(KEY_A, "keeper", only_a)
+    turn(KEY_A, None, only_a)  # anonymous prefixes are per tenant too
+    assert turn(KEY_B, None, only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert turn(KEY_B, "spy", only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert turn(KEY_A, None, only_a)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [

@@ -13,7 +13,8 @@ import pytest
 from semantic_server.engine.batch_engine import SHARED_PREFIX
 from semantic_server.engine.gate import ServerState
 from semantic_server.errors import ModelTooLarge, SwapInProgress
-from semantic_server.swap.orchestrator import DUAL_STEPS, SwapMode, SwapOutcome, SwapStep
+from semantic_server.swap.orchestrator import DUAL_STEPS
+from semantic_server.swap_result import SwapMode, SwapOutcome, SwapStep
 from tests.fakes import WEIGHT_BYTES, block_cache_writes, run_turn
 from tests.polling import wait_until
 

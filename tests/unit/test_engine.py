@@ -14,9 +14,10 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic_server.cache.agent_store import Lookup, reusable_prefix
 from semantic_server.engine.batch_engine import fit_cache, token_out
-from semantic_server.engine.jobs import FinishReason, Job, SamplingParams
+from semantic_server.engine.jobs import Job, SamplingParams
 from semantic_server.engine.service import Admitted, GenerationParams
 from semantic_server.errors import ModelNotFound, ModelNotLoaded
+from semantic_server.request_outcome import FinishReason
 from tests.fakes import (
     DIMS,
     FakeTokenizer,

@@ -13,7 +13,7 @@ from semantic_server.api.client_watch import ClientWatchMiddleware
 from semantic_server.engine.batch_engine import EngineStopped
 from semantic_server.engine.gate import ServerState
 from semantic_server.errors import AgentBusy, QueueFull, ServiceDegraded
-from semantic_server.swap.orchestrator import SwapOutcome
+from semantic_server.swap_result import SwapOutcome
 from tests.fakes import DIMS, run_turn
 from tests.polling import wait_until
 

@@ -20,7 +20,7 @@ from semantic_server.errors import (
     QueueFull,
     ServerBusy,
 )
-from semantic_server.swap.orchestrator import SwapKind
+from semantic_server.swap_result import SwapKind
 from tests.fakes import WEIGHT_BYTES, FakeModel, run_turn, write_model_dirs
 from tests.polling import wait_for, wait_until
 from tests.unit.conftest import FAST_ADMIN_KEY

@@ -18,12 +18,8 @@ from semantic_server.errors import (
     ServiceDegraded,
     SwapInProgress,
 )
-from semantic_server.swap.orchestrator import (
-    SEQUENTIAL_STEPS,
-    SwapMode,
-    SwapOutcome,
-    SwapStep,
-)
+from semantic_server.swap.orchestrator import SEQUENTIAL_STEPS
+from semantic_server.swap_result import SwapMode, SwapOutcome, SwapStep
 from tests.fakes import block_cache_writes, run_turn
 from tests.polling import wait_until
 

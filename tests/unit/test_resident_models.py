@@ -11,13 +11,8 @@ import threading
 import pytest
 
 from semantic_server.errors import ModelNotLoaded, ModelStateConflict, ModelTooLarge
-from semantic_server.swap.orchestrator import (
-    LOAD_STEPS,
-    UNLOAD_STEPS,
-    SwapKind,
-    SwapMode,
-    SwapOutcome,
-)
+from semantic_server.swap.orchestrator import LOAD_STEPS, UNLOAD_STEPS
+from semantic_server.swap_result import SwapKind, SwapMode, SwapOutcome
 from tests.fakes import FAST_ADMIN_KEY, WEIGHT_BYTES, run_turn
 from tests.polling import wait_until
 

@@ -42,7 +42,7 @@ def test_openai_stream_ends_with_an_error_object_and_no_done():
 
 
 def test_anthropic_stream_ends_with_an_error_event_and_no_message_stop():
-    events = asyncio.run(_stream(lambda items: _events(items, "msg", ADMITTED)))
+    events = asyncio.run(_stream(lambda items: _events(items, "msg", ADMITTED, False)))
     names = [e.split("\n", 1)[0].removeprefix("event: ") for e in events]
     assert names == ["message_start", "content_block_start", "content_block_delta",
                      "content_block_delta", "error"]
@@ -65,7 +65,7 @@ def test_a_stream_its_client_leaves_closes_the_generation(stream):
     async def leave_after_three_events():
         items = endless()
         events = (_sse(items, "id", 0, ADMITTED, False) if stream == "openai"
-                  else _events(items, "msg", ADMITTED))
+                  else _events(items, "msg", ADMITTED, False))
         for _ in range(3):
             await anext(events)
         assert closed == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -17,11 +16,14 @@ from starlette.routing import Route
 
 from semantic_server.api.turn import read_json
 from semantic_server.errors import AdminDisabled, ModelNotFound, Unauthorized
-from semantic_server.swap.adapter_swap import AdapterSwapOutcome
-from semantic_server.swap.orchestrator import SwapMode, SwapOutcome, SwapResult, SwapStep
-
-if TYPE_CHECKING:  # app.py imports these routes
-    from semantic_server.app import ServerContext
+from semantic_server.server_context import ServerContext
+from semantic_server.swap_result import (
+    AdapterSwapOutcome,
+    SwapMode,
+    SwapOutcome,
+    SwapResult,
+    SwapStep,
+)
 
 
 class AdapterSwapRequest(BaseModel):

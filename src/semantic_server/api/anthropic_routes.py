@@ -1,10 +1,17 @@
-"""Anthropic's Messages API, ``POST /v1/messages``, on the same engine and agent caches.
+"""Anthropic's Messages API, ``POST /v1/messages`` (and ``/v1/messages/count_tokens``), on
+the same engine and agent caches, as Claude Code sends it.
 
-The agent is named as for chat completions (``X-Agent-ID``, ...) or by
-``metadata.user_id``. ``usage.cache_read_input_tokens`` reports the tokens served from the
-agent's cache; ``input_tokens`` counts the rest, as Anthropic's API does. Tools take the
-generic format of ``api/tools.py``: ``tool_use`` blocks out (streamed as
-``input_json_delta``), ``tool_result`` blocks in, ``stop_reason: "tool_use"``.
+The agent is named as for chat completions (``X-Agent-ID``, ...), by Claude Code's
+``X-Claude-Code-Session-Id`` or by the session in ``metadata.user_id`` (``api/identity.py``).
+``usage.cache_read_input_tokens`` reports the tokens served from the agent's cache; the
+server keeps every prompt it serves in the agent's cache, so when the request marks
+``cache_control`` breakpoints the rest of the prompt is reported as
+``cache_creation_input_tokens``, else as ``input_tokens``. Tools take the format of
+``api/tools.py``: ``tool_use`` blocks out (streamed as ``input_json_delta``), ``tool_result``
+blocks in, ``stop_reason: "tool_use"``. Server tools and ``defer_loading`` tools cannot run
+here: they are withheld from the model and named in the ``X-Tools-Withheld`` header.
+``system`` turns inside ``messages`` are rendered where they stand; ``thinking``,
+``output_config`` and ``context_management`` are README's "Claude Code" section.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -20,33 +28,38 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from semantic_server.api import tools as t
+from semantic_server.api.context_edits import Applied, with_edits
 from semantic_server.api.errors import stream_error
+from semantic_server.api.identity import agent_id_of, family, tenant_of
 from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import (
+    AnthropicTool,
+    CountTokensRequest,
     MessagesRequest,
     ToolResultBlock,
     ToolUseBlock,
     plain_text,
 )
 from semantic_server.api.turn import (
-    agent_id_of,
     capped_max_tokens,
     collect,
     read_json,
     relay,
-    tenant_of,
+    schema_grammar,
     wait_admitted,
+    withheld_header,
 )
-from semantic_server.engine.jobs import FinishReason, SamplingParams
+from semantic_server.engine.jobs import SamplingParams
 from semantic_server.engine.service import (
     Admitted,
     GenerationParams,
-    Outcome,
-    Prompt,
+    Grammar,
+    Rendered,
     Renderer,
     TokenLogprob,
 )
 from semantic_server.errors import InvalidRequest
+from semantic_server.request_outcome import FinishReason, Outcome
 
 STOP_REASONS = {FinishReason.LENGTH: "max_tokens", FinishReason.STOP: "end_turn"}
 CHOICES = {"auto": t.ChoiceMode.AUTO, "any": t.ChoiceMode.REQUIRED,
@@ -60,11 +73,31 @@ def _stop_reason(outcome: Outcome, called: bool = False) -> str:
         outcome.finish_reason, "end_turn")
 
 
-def _usage(outcome: Outcome) -> dict[str, int]:
-    return {"input_tokens": outcome.prompt_tokens - outcome.cached_tokens,
-            "output_tokens": outcome.completion_tokens,
-            "cache_read_input_tokens": outcome.cached_tokens,
-            "cache_creation_input_tokens": 0}
+def _usage(prompt: int, cached: int, output: int, breakpoints: bool) -> dict[str, int]:
+    """Anthropic's usage: what the cache served, and the rest as written to the cache
+    (with breakpoints) or as plain input."""
+    rest = prompt - cached
+    return {"input_tokens": 0 if breakpoints else rest, "output_tokens": output,
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": rest if breakpoints else 0}
+
+
+def _final_usage(outcome: Outcome, breakpoints: bool) -> dict[str, int]:
+    return _usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens,
+                  breakpoints)
+
+
+def has_breakpoints(body: dict[str, Any]) -> bool:
+    """Whether the request marks any ``cache_control`` breakpoint (system blocks, message
+    blocks or tools)."""
+    def marked(items: Any) -> bool:
+        return isinstance(items, list) and any(
+            isinstance(item, dict) and item.get("cache_control") for item in items)
+
+    messages = body.get("messages")
+    return (marked(body.get("system")) or marked(body.get("tools"))
+            or (isinstance(messages, list) and any(
+                isinstance(m, dict) and marked(m.get("content")) for m in messages)))
 
 
 def _turns(chat: MessagesRequest) -> list[t.Turn]:
@@ -73,6 +106,9 @@ def _turns(chat: MessagesRequest) -> list[t.Turn]:
     system = chat.system_text()
     turns = [t.Turn("system", system)] if system else []
     for message in chat.messages:
+        if message.role == "system":
+            turns.append(t.Turn("system", message.text()))
+            continue
         if message.role == "assistant":
             uses = message.blocks(ToolUseBlock)
             names.update({use.id: use.name for use in uses})
@@ -93,10 +129,32 @@ def _turns(chat: MessagesRequest) -> list[t.Turn]:
     return turns
 
 
-def prepare(chat: MessagesRequest) -> Prompt | Renderer:
-    """The prompt, or with tools a renderer for the admitted model's tool format."""
-    tools = [t.Tool(tool.name, tool.description, tool.input_schema)
-             for tool in chat.tools or []]
+@dataclass
+class Prepared:
+    """A Messages request made ready for the engine: how to render its prompt, the tools
+    withheld from the model, and the context edits its rendering applied."""
+
+    render: Renderer
+    withheld: list[str] = field(default_factory=list)
+    applied: Applied = field(default_factory=Applied)
+
+
+def _tools(declared: list[AnthropicTool]) -> tuple[list[t.Tool], list[str]]:
+    """The tools the model is offered, and the names of those withheld."""
+    offered = [t.Tool(tool.name, tool.description, tool.input_schema)
+               for tool in declared if tool.runs_here()]
+    return offered, [tool.name for tool in declared if not tool.runs_here()]
+
+
+def _format_grammar(chat: MessagesRequest) -> Grammar | None:
+    spec = chat.output_config.format if chat.output_config else None
+    return None if spec is None else schema_grammar(spec.schema_,
+                                                    "output_config.format.schema")
+
+
+def prepare(chat: MessagesRequest) -> Prepared:
+    """The request's renderer (the admitted model's tool format, when tools are on)."""
+    tools, withheld = _tools(chat.tools or [])
     spec = chat.tool_choice
     choice = t.ToolChoice(CHOICES[spec.type], spec.name,
                           not spec.disable_parallel_tool_use) if spec else t.ToolChoice()
@@ -104,11 +162,24 @@ def prepare(chat: MessagesRequest) -> Prompt | Renderer:
         raise InvalidRequest("tool_choice of type tool needs a name", param="tool_choice")
     t.check_tools(tools, choice, "tools")
     turns = _turns(chat)
-    if not tools and not any(turn.role == "tool" or turn.calls for turn in turns):
-        return [{"role": turn.role, "content": turn.content} for turn in turns]
-    if chat.stop_sequences:
+    grammar = _format_grammar(chat)
+    tools_on = bool(tools) or any(turn.role == "tool" or turn.calls for turn in turns)
+    if tools_on and grammar is not None:
+        raise InvalidRequest("output_config.format cannot be combined with tools here; ask "
+                             "for a tool whose input_schema is the schema",
+                             param="output_config.format")
+    if tools_on and chat.stop_sequences:
         raise InvalidRequest(t.STOP_WITH_TOOLS, param="stop_sequences")
-    return t.renderer(turns, tools, choice)
+
+    def make(edited: list[t.Turn]) -> Renderer:
+        if tools_on:
+            return t.renderer(edited, tools, choice)
+        messages = [{"role": turn.role, "content": turn.content} for turn in edited]
+        return lambda tokenizer: Rendered(messages, grammar=grammar)
+
+    edits = chat.context_management.edits if chat.context_management else []
+    applied = Applied()
+    return Prepared(with_edits(turns, make, edits, applied), withheld, applied)
 
 
 def _content(text: str, fmt: Any) -> list[dict[str, Any]]:
@@ -121,32 +192,54 @@ def _content(text: str, fmt: Any) -> list[dict[str, Any]]:
     return [{"type": "text", "text": answer.text or ""}]
 
 
+def _agent(request: Request, body: dict[str, Any], chat: MessagesRequest) -> str | None:
+    user = chat.metadata.user_id if chat.metadata else None
+    return agent_id_of(request, body, user_id=user, family_of=family(
+        chat.system_text(), (tool.name for tool in chat.tools or [])))
+
+
 async def messages(request: Request) -> Response:
     server = request.app.state.server
     body = await read_json(request, server.settings.max_body_bytes)
     chat = MessagesRequest.model_validate(body)
-    user = chat.metadata.user_id if chat.metadata else None
-    agent = agent_id_of(request, {"user": user} if user else {})
-    prompt = prepare(chat)
+    agent = _agent(request, body, chat)
+    prepared = prepare(chat)
+    breakpoints = has_breakpoints(body)
     params = GenerationParams(max_tokens=capped_max_tokens(request, chat.max_tokens),
                               sampling=SamplingParams(chat.temperature, chat.top_p),
                               stop=tuple(chat.stop_sequences or ()),
                               keep_alive=chat.keep_alive)
-    items = server.service.generate(agent, prompt, params, chat.model, request_id_of(request),
-                                    tenant_of(request))
+    items = server.service.generate(agent, prepared.render, params, chat.model,
+                                    request_id_of(request), tenant_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"
     admitted = await wait_admitted(items)
+    headers = withheld_header(prepared.withheld)
     if not chat.stream:
         done = await collect(items)
         content = _content(done.text, admitted.context)
         called = any(block["type"] == "tool_use" for block in content)
-        return JSONResponse({
+        reply = {
             "id": message_id, "type": "message", "role": "assistant",
             "model": done.outcome.model_id, "content": content,
             "stop_reason": _stop_reason(done.outcome, called),
-            "stop_sequence": done.outcome.stop_sequence, "usage": _usage(done.outcome)})
-    return StreamingResponse(_events(items, message_id, admitted),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            "stop_sequence": done.outcome.stop_sequence,
+            "usage": _final_usage(done.outcome, breakpoints)}
+        if chat.context_management is not None:
+            reply["context_management"] = {"applied_edits": prepared.applied.edits}
+        return JSONResponse(reply, headers=headers)
+    return StreamingResponse(_events(items, message_id, admitted, breakpoints),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **headers})
+
+
+async def count_tokens(request: Request) -> Response:
+    """Anthropic's token count: the prompt as the serving (or named) model would see it."""
+    server = request.app.state.server
+    body = await read_json(request, server.settings.max_body_bytes)
+    chat = CountTokensRequest.model_validate(body)
+    prepared = prepare(chat)
+    tokens = await server.service.count_tokens(prepared.render, chat.model)
+    return JSONResponse({"input_tokens": tokens}, headers=withheld_header(prepared.withheld))
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
@@ -195,11 +288,12 @@ class _Blocks:
 
 
 async def _events(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
-                  message_id: str, admitted: Admitted) -> AsyncIterator[str]:
+                  message_id: str, admitted: Admitted, breakpoints: bool,
+                  ) -> AsyncIterator[str]:
     yield _event("message_start", {"message": {
         "id": message_id, "type": "message", "role": "assistant", "model": admitted.model_id,
         "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 0, "output_tokens": 0}}})
+        "usage": _usage(admitted.prompt_tokens, admitted.cached_tokens, 0, breakpoints)}})
     blocks = _Blocks()
     answer = admitted.context.stream("toolu_") if admitted.context else None
     async with aclosing(relay(items)) as relayed:
@@ -218,8 +312,9 @@ async def _events(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
                 yield event
             yield _event("message_delta", {"delta": {
                 "stop_reason": _stop_reason(item, blocks.called),
-                "stop_sequence": item.stop_sequence}, "usage": _usage(item)})
+                "stop_sequence": item.stop_sequence}, "usage": _final_usage(item, breakpoints)})
     yield _event("message_stop", {})
 
 
-routes = [Route("/v1/messages", messages, methods=["POST"])]
+routes = [Route("/v1/messages", messages, methods=["POST"]),
+          Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]

@@ -16,20 +16,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from semantic_server.api.errors import stream_error
+from semantic_server.api.identity import agent_id_of, tenant_of
 from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import CompletionRequest
 from semantic_server.api.turn import (
-    agent_id_of,
     capped_max_tokens,
     collect,
     openai_usage,
     read_json,
     relay,
-    tenant_of,
     wait_admitted,
 )
 from semantic_server.engine.jobs import SamplingParams
-from semantic_server.engine.service import Admitted, GenerationParams, Outcome, TokenLogprob
+from semantic_server.engine.service import Admitted, GenerationParams, TokenLogprob
+from semantic_server.request_outcome import Outcome
 
 
 def legacy_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from semantic_server import errors as e
@@ -39,6 +39,7 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
     e.ModelInvalid: (422, "invalid_request_error", "model_invalid"),
     e.ModelTooLarge: (422, "invalid_request_error", "model_too_large"),
     e.AdapterNotFound: (404, "invalid_request_error", "adapter_not_found"),
+    e.ResponseNotFound: (404, "invalid_request_error", "response_not_found"),
     e.AdapterInvalid: (422, "invalid_request_error", "adapter_invalid"),
     e.AdapterIncompatible: (422, "invalid_request_error", "adapter_incompatible"),
     e.ServerBusy: (503, "server_error", "swap_in_progress"),
@@ -53,7 +54,7 @@ STATUS: dict[type[Exception], tuple[int, str, str]] = {
 ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                    503: "overloaded_error"}
-ANTHROPIC_PATHS = ("/v1/messages",)
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 def error_response(status: int, message: str, kind: str, code: str,
@@ -123,6 +124,15 @@ def error_for_path(path: str, exc: Exception, request_id: str | None = None) -> 
     return response
 
 
-async def handle_any(request: Request, exc: Exception) -> JSONResponse:
+async def handle_any(request: Request, exc: Exception) -> JSONResponse | None:
     """Starlette exception handler: every error leaves as JSON in the caller's API shape."""
+    if isinstance(exc, ClientDisconnect):
+        return await handle_disconnect(request, exc)
     return error_for_path(request.url.path, exc, request_id_of(request))
+
+
+async def handle_disconnect(request: Request, exc: ClientDisconnect) -> None:
+    """A client that left while it sent its body: no error of ours, so one line and no
+    traceback; and no answer, since nobody is there to read it."""
+    log.info("client disconnected while sending its body", extra={"fields": {
+        "request_id": request_id_of(request), "path": request.url.path}})

@@ -52,7 +52,9 @@ def _host_name(host_header: str) -> str:
 class GuardMiddleware:
     def __init__(self, app: Any, api_keys: list[str], bound_host: str) -> None:
         self.app = app
-        self.api_keys = [key.encode() for key in api_keys]
+        # Settings refuses blank keys; a blank one that got here anyway matches nothing
+        self.api_keys = [key.encode() for key in api_keys if key]
+        self.keys_required = bool(api_keys)
         self.loopback_only = is_loopback(bound_host)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -79,10 +81,13 @@ class GuardMiddleware:
             if media != "application/json":
                 raise UnsupportedMediaType("the body must be JSON (Content-Type: "
                                            "application/json)")
-        if not self.api_keys or not scope["path"].startswith("/v1/"):
+        if not self.keys_required or not scope["path"].startswith("/v1/"):
             return None
         given = headers.get("authorization", "")
         given = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
+        given = given.strip()
+        if not given:  # a missing key is never compared: it matches no key, blank or not
+            raise InvalidApiKey("a valid API key is required (Authorization: Bearer <key>)")
         for key in self.api_keys:
             if hmac.compare_digest(given.encode(), key):
                 return tenant_of(key.decode())

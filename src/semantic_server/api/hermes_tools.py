@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from semantic_server.api.tools import (
+from semantic_server.api.tool_types import (
     Answer,
     ArgumentsDelta,
     CallStart,

@@ -21,30 +21,30 @@ from starlette.routing import Route
 
 from semantic_server.api import tools as t
 from semantic_server.api.errors import stream_error
+from semantic_server.api.identity import agent_id_of, family, tenant_of
 from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import ChatCompletionRequest, ChatMessage
 from semantic_server.api.turn import (
-    agent_id_of,
     capped_max_tokens,
     collect,
     openai_usage,
     read_json,
     relay,
-    tenant_of,
+    schema_grammar,
     wait_admitted,
+    withheld_header,
 )
-from semantic_server.engine.constraints import json_schema_grammar
-from semantic_server.engine.jobs import FinishReason, SamplingParams
+from semantic_server.engine.jobs import SamplingParams
 from semantic_server.engine.service import (
     Admitted,
     GenerationParams,
     Grammar,
-    Outcome,
     Prompt,
     Renderer,
     TokenLogprob,
 )
 from semantic_server.errors import InvalidRequest
+from semantic_server.request_outcome import FinishReason, Outcome
 
 
 def logprob_entry(item: TokenLogprob) -> dict[str, Any]:
@@ -103,19 +103,15 @@ def _turns(messages: list[ChatMessage]) -> list[t.Turn]:
     return turns
 
 
-def _schema_grammar(schema: dict[str, Any], param: str) -> Grammar:
-    try:
-        return Grammar(json_schema_grammar(schema), param)
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(f"{param} cannot be used: {exc}", param=param,
-                             code="invalid_schema") from exc
-
-
-def prepare(chat: ChatCompletionRequest) -> tuple[Prompt | Renderer, Grammar | None]:
+def prepare(chat: ChatCompletionRequest,
+            ) -> tuple[Prompt | Renderer, Grammar | None, list[str]]:
     """The prompt (or, with tools, a renderer for the admitted model's tool format, which
-    makes the grammar too), and the grammar of the answer."""
+    makes the grammar too), the grammar of the answer, and the tools withheld."""
+    declared = chat.tools or []
     tools = [t.Tool(d.function.name, d.function.description,
-                    d.function.parameters or {"type": "object"}) for d in chat.tools or []]
+                    d.function.parameters or {"type": "object"})
+             for d in declared if d.type == "function" and d.function is not None]
+    withheld = [d.label() for d in declared if d.type != "function"]
     choice = _choice(chat)
     t.check_tools(tools, choice, "tools")
     turns = _turns(chat.messages)
@@ -127,17 +123,18 @@ def prepare(chat: ChatCompletionRequest) -> tuple[Prompt | Renderer, Grammar | N
     if tools_on and chat.stop:
         raise InvalidRequest(t.STOP_WITH_TOOLS, param="stop")
     if tools_on:
-        return t.renderer(turns, tools, choice), None
+        return t.renderer(turns, tools, choice), None, withheld
     messages = [{"role": turn.role, "content": turn.content} for turn in turns]
     if not wants_json:
-        return messages, None
+        return messages, None, withheld
     if chat.response_format.type == "json_object":
-        return messages, _schema_grammar({"type": "object"}, "response_format")
+        return messages, schema_grammar({"type": "object"}, "response_format"), withheld
     spec = chat.response_format.json_schema
     if spec is None or not spec.schema_:
         raise InvalidRequest("response_format json_schema needs json_schema.schema",
                              param="response_format.json_schema")
-    return messages, _schema_grammar(spec.schema_, "response_format.json_schema.schema")
+    return (messages, schema_grammar(spec.schema_, "response_format.json_schema.schema"),
+            withheld)
 
 
 def _message(text: str, outcome: Outcome, fmt: Any) -> tuple[dict[str, Any], str]:
@@ -158,8 +155,10 @@ async def chat_completions(request: Request) -> Response:
     server = request.app.state.server
     body = await read_json(request, server.settings.max_body_bytes)
     chat = ChatCompletionRequest.model_validate(body)
-    agent = agent_id_of(request, body)
-    prompt, grammar = prepare(chat)
+    system = next((m.text() for m in chat.messages if m.role in ("system", "developer")), "")
+    agent = agent_id_of(request, body, family_of=family(
+        system, (d.label() for d in chat.tools or [])))
+    prompt, grammar, withheld = prepare(chat)
     params = GenerationParams(
         max_tokens=capped_max_tokens(request, chat.requested_max_tokens()),
         sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
@@ -181,11 +180,12 @@ async def chat_completions(request: Request) -> Response:
             "choices": [{"index": 0, "finish_reason": finish, "logprobs": logprobs,
                          "message": message}],
             "usage": openai_usage(done.outcome),
-        })
+        }, headers=withheld_header(withheld))
     include_usage = chat.include_usage()
     return StreamingResponse(
         _sse(items, completion_id, created, admitted, include_usage),
-        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", **withheld_header(withheld)})
 
 
 async def _sse(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],

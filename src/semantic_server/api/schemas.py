@@ -85,9 +85,22 @@ class FunctionDef(BaseModel):
 
 
 class ToolDef(BaseModel):
+    """A function tool; any other type (custom, hosted) cannot run here and is withheld
+    from the model (named in the ``X-Tools-Withheld`` header)."""
+
     model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: FunctionDef
+    type: str
+    function: FunctionDef | None = None
+
+    @model_validator(mode="after")
+    def _function_has_one(self) -> ToolDef:
+        if self.type == "function" and self.function is None:
+            raise ValueError("a function tool needs its function")
+        return self
+
+    def label(self) -> str:
+        """The tool's name, or its type when it has none."""
+        return self.function.name if self.function else self.type
 
 
 class FunctionCall(BaseModel):
@@ -269,12 +282,24 @@ class ToolResultBlock(BaseModel):
     is_error: bool = False
 
 
-ContentBlock = Annotated[TextPart | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class ThinkingBlock(BaseModel):
+    """An assistant's thinking, as a client sends it back: never rendered into the prompt
+    (our models do not think; Anthropic's models drop earlier turns' thinking too)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["thinking", "redacted_thinking"]
+
+
+ContentBlock = Annotated[TextPart | ToolUseBlock | ToolResultBlock | ThinkingBlock,
+                         Field(discriminator="type")]
 
 
 class AnthropicMessage(BaseModel):
+    """A turn: ``system`` turns may stand between the others (Claude Code sends its
+    environment as one after the first user message) and are rendered where they stand."""
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
     def text(self) -> str:
@@ -288,11 +313,19 @@ class AnthropicMessage(BaseModel):
 
 
 class AnthropicTool(BaseModel):
+    """A client tool (``type`` absent or ``custom``), or a server tool (any other type:
+    web search, tool search, code execution...), which cannot run here and is withheld."""
+
     model_config = ConfigDict(extra="ignore")
     name: str = Field(pattern=TOOL_NAME)
     description: str = ""
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-    type: Literal["custom"] | None = None  # server tools (web search...) are not ours
+    type: str | None = None
+    # Loaded only once a tool search finds it, which is a server tool: withheld too.
+    defer_loading: bool = False
+
+    def runs_here(self) -> bool:
+        return self.type in (None, "custom") and not self.defer_loading
 
 
 class AnthropicToolChoice(BaseModel):
@@ -303,8 +336,79 @@ class AnthropicToolChoice(BaseModel):
 
 
 class AnthropicMetadata(BaseModel):
+    """The client's own metadata: never a reason for a 400 (``user_id`` may be a JSON
+    object in a string, as Claude Code sends it)."""
+
     model_config = ConfigDict(extra="ignore")
-    user_id: str | None = None
+    user_id: Any = None
+
+
+class ThinkingConfig(BaseModel):
+    """Extended thinking. Accepted in all three forms; a model that does not think answers
+    without thinking blocks (``adaptive`` lets the model decide, ``enabled``'s budget is a
+    ceiling it does not reach), documented in README."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1024)
+
+    @model_validator(mode="after")
+    def _budget(self) -> ThinkingConfig:
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise ValueError("thinking of type enabled needs budget_tokens")
+        return self
+
+
+class ValueOf(BaseModel):
+    """``{"type": ..., "value": N}``, as context edits count their triggers and keeps."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    value: int = Field(ge=0)
+
+
+CLEAR_TOOL_USES = "clear_tool_uses_20250919"
+CLEAR_THINKING = "clear_thinking_20251015"
+
+
+class ContextEdit(BaseModel):
+    """One of Anthropic's documented context edits; another type is a 400."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["clear_tool_uses_20250919", "clear_thinking_20251015"]
+    trigger: ValueOf | None = None
+    keep: ValueOf | Literal["all"] | None = None
+    clear_at_least: ValueOf | None = None
+    exclude_tools: list[str] = Field(default_factory=list)
+    clear_tool_inputs: bool | list[str] = False
+
+    @model_validator(mode="after")
+    def _units(self) -> ContextEdit:
+        if self.trigger is not None and self.trigger.type not in ("input_tokens", "tool_uses"):
+            raise ValueError("a trigger counts input_tokens or tool_uses")
+        if self.type == CLEAR_TOOL_USES and isinstance(self.keep, str):
+            raise ValueError("clear_tool_uses keeps a number of tool_uses")
+        return self
+
+
+class ContextManagement(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    edits: list[ContextEdit] = Field(default_factory=list)
+
+
+class OutputFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(BaseModel):
+    """``effort`` tunes how much a thinking model thinks (nothing to tune on a model that
+    does not think); ``format`` constrains the answer to a JSON schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: OutputFormat | None = None
 
 
 class MessagesRequest(BaseModel):
@@ -324,14 +428,16 @@ class MessagesRequest(BaseModel):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     top_k: int | None = None
-    thinking: Any = None
+    thinking: ThinkingConfig | None = None
+    context_management: ContextManagement | None = None
+    output_config: OutputConfig | None = None
     keep_alive: KeepAlive = None
 
-    @field_validator("top_k", "thinking")
+    @field_validator("top_k")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
-        if value not in (None, {"type": "disabled"}):
-            raise ValueError("top_k and thinking are not supported")
+        if value is not None:
+            raise ValueError("top_k is not supported")
         return value
 
     @field_validator("stop_sequences")
@@ -340,5 +446,22 @@ class MessagesRequest(BaseModel):
         check_stop_lengths(stops or [])
         return stops
 
+    def system_blocks(self) -> list[str]:
+        """The system prompt's texts, less Claude Code's billing line: it is metadata for
+        Anthropic's billing, not for the model, and a value in it that changed per request
+        would defeat every prefix cache."""
+        blocks = [self.system] if isinstance(self.system, str) else [
+            part.text for part in self.system or []]
+        return [text for text in blocks if text and not text.startswith(BILLING_LINE)]
+
     def system_text(self) -> str:
-        return plain_text(self.system)
+        return "\n\n".join(self.system_blocks())
+
+
+BILLING_LINE = "x-anthropic-billing-header:"
+
+
+class CountTokensRequest(MessagesRequest):
+    """``POST /v1/messages/count_tokens``: a Messages request without max_tokens."""
+
+    max_tokens: int = 1

@@ -23,12 +23,25 @@ native tool calling:
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from semantic_server.api.hermes_tools import HermesFormat
+from semantic_server.api.tool_types import (
+    Answer,
+    ArgumentsDelta,
+    CallStart,
+    ChoiceMode,
+    StreamEvent,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Turn,
+    new_call_id,
+    scrub,
+)
 from semantic_server.engine.constraints import json_schema_grammar
 from semantic_server.engine.service import Grammar, Rendered, Renderer
 from semantic_server.errors import InvalidRequest
@@ -41,50 +54,6 @@ STOP_WITH_TOOLS = ("stop sequences cannot be combined with tools: the answer is 
 def compact(value: Any) -> str:
     """JSON as the grammar makes the model write it: no spaces, keys in their order."""
     return json.dumps(value, separators=COMPACT, ensure_ascii=False)
-
-
-class ChoiceMode(StrEnum):
-    NONE = "none"  # reply only
-    AUTO = "auto"  # reply or call tools
-    REQUIRED = "required"  # call at least one tool
-    NAMED = "named"  # call this one tool
-
-
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    description: str
-    parameters: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ToolChoice:
-    mode: ChoiceMode = ChoiceMode.AUTO
-    name: str | None = None  # with NAMED
-    parallel: bool = True  # several calls in one answer
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One turn of a conversation with tools, whatever API it came in: a system, user or
-    assistant text, an assistant's tool calls, or a tool's result."""
-
-    role: str  # "system", "user", "assistant" or "tool"
-    content: str = ""
-    calls: tuple[ToolCall, ...] = ()  # an assistant's
-    call_id: str | None = None  # a tool result: the call it answers
-    name: str | None = None  # a tool result: the tool's name
-
-
-def new_call_id(prefix: str = "call_") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 def check_tools(tools: list[Tool], choice: ToolChoice, param: str) -> None:
@@ -172,16 +141,6 @@ def generic_messages(turns: list[Turn], tools: list[Tool]) -> list[dict[str, str
     return with_tools(messages, tools)
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What the model answered: a reply, or tool calls; ``complete`` is False when the
-    answer was cut (by max_tokens) before its JSON closed."""
-
-    text: str | None
-    calls: list[ToolCall]
-    complete: bool
-
-
 def parse_answer(output: str, id_prefix: str = "call_") -> Answer:
     """The answer in ``output``; one cut short gives the reply text it had reached (a tool
     call cut short gives nothing: its arguments would not parse)."""
@@ -196,39 +155,7 @@ def parse_answer(output: str, id_prefix: str = "call_") -> Answer:
     return Answer(value.get("response", ""), [], True)
 
 
-def scrub(value: Any) -> Any:
-    """``value`` with lone surrogates (a model can write an unpaired ``\\ud83d``) replaced
-    by U+FFFD, so it can be sent as UTF-8."""
-    if isinstance(value, str):  # json.loads has joined every valid pair already
-        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
-    if isinstance(value, list):
-        return [scrub(item) for item in value]
-    if isinstance(value, dict):
-        return {scrub(key): scrub(item) for key, item in value.items()}
-    return value
-
-
 # ---- streaming --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class CallStart:
-    index: int
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ArgumentsDelta:
-    index: int
-    json: str
-
-
-StreamEvent = TextDelta | CallStart | ArgumentsDelta
-
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
             "t": "\t"}
 _REPLY = '{"response":"'
@@ -395,8 +322,6 @@ class GenericFormat:
 
 def answer_format(tokenizer: Any) -> Any:
     """The tool format of a model: its template's own when we know it, else the generic."""
-    from semantic_server.api.hermes_tools import HermesFormat
-
     template = getattr(tokenizer, "chat_template", None) or ""
     return HermesFormat() if HermesFormat.fits(template) else GenericFormat()
 

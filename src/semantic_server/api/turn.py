@@ -1,5 +1,5 @@
-"""One chat turn over HTTP, as both chat APIs (OpenAI's and Anthropic's) take it: the body
-read within its size limit, the agent named, max_tokens checked, the generation's
+"""One turn over HTTP, as every generating API (chat, completions, Messages, Responses)
+takes it: the body read within its size limit, max_tokens bounded, the generation's
 admission awaited, and the generation relayed to the client.
 
 Each API only shapes its own JSON and events around these steps, so a rule (which agent
@@ -17,9 +17,10 @@ from typing import Any
 
 from starlette.requests import Request
 
-from semantic_server.api.request_id import SAFE_ID
-from semantic_server.engine.service import Admitted, Outcome, TokenLogprob
+from semantic_server.engine.constraints import json_schema_grammar
+from semantic_server.engine.service import Admitted, Grammar, TokenLogprob
 from semantic_server.errors import InvalidRequest, PayloadTooLarge
+from semantic_server.request_outcome import Outcome
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -41,35 +42,32 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def tenant_of(request: Request) -> str | None:
-    """The request's tenant: the name of its API key, when API keys are configured."""
-    return getattr(request.state, "tenant", None)
-
-
-def agent_id_of(request: Request, body: dict[str, Any]) -> str | None:
-    """Agent identity: X-Agent-ID, X-Session-ID, body session_id, body user; else anonymous.
-    With API keys, the id is namespaced by the key's tenant ("<tenant>/<agent>"; a client's
-    own ids cannot contain "/"), so tenants never share an agent."""
-    candidates = (request.headers.get("x-agent-id"), request.headers.get("x-session-id"),
-                  body.get("session_id"), body.get("user"))
-    agent = next((c for c in candidates if c is not None), None)
-    if agent is None:
-        return None
-    if not isinstance(agent, str) or not SAFE_ID.fullmatch(agent):
-        raise InvalidRequest("an agent id is 1-128 characters of A-Z a-z 0-9 . _ : @ -",
-                             param="agent_id", code="invalid_agent_id")
-    tenant = tenant_of(request)
-    return f"{tenant}/{agent}" if tenant else agent
-
-
 def capped_max_tokens(request: Request, requested: int | None) -> int:
-    """The request's max_tokens, or the server's default; above the limit is a 400."""
+    """The request's max_tokens (or the server's default), as an upper bound: above
+    ``SEMANTIC_MAX_TOKENS_LIMIT`` it is served up to the limit, as the context's end also
+    bounds it, and ends with the API's own length reason. Coding agents ask for 32,000
+    tokens whatever the model: refusing that would refuse them all."""
     settings = request.app.state.server.settings
-    max_tokens = requested or settings.default_max_tokens
-    if max_tokens > settings.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens is limited to {settings.max_tokens_limit}",
-                             param="max_tokens")
-    return max_tokens
+    return min(requested or settings.default_max_tokens, settings.max_tokens_limit)
+
+
+def schema_grammar(schema: dict[str, Any], param: str) -> Grammar:
+    """The grammar of answers that match a JSON schema; one it cannot be made from is a
+    400 naming ``param``."""
+    try:
+        return Grammar(json_schema_grammar(schema), param)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"{param} cannot be used: {exc}", param=param,
+                             code="invalid_schema") from exc
+
+
+WITHHELD_HEADER = "X-Tools-Withheld"
+
+
+def withheld_header(names: list[str]) -> dict[str, str]:
+    """The header that names the tools a request declared but the model was not offered
+    (hosted and server tools cannot run here: README, "Tools that cannot run here")."""
+    return {WITHHELD_HEADER: ",".join(names)} if names else {}
 
 
 def openai_usage(outcome: Outcome) -> dict[str, Any]:

@@ -59,16 +59,10 @@ from semantic_server.cache.cache_file import (
     write_prepared,
 )
 from semantic_server.cache.cache_writer import CacheWriter
-from semantic_server.cache.prefix_chunks import (
-    CHUNK_TOKENS,
-    CHUNKS,
-    chunk_keys,
-    chunk_path,
-    tenant_of,
-)
+from semantic_server.cache.prefix_chunks import CHUNKS, chunk_keys, chunk_path, tenant_of
 from semantic_server.cache.restore_policy import RestoreOrRecompute
 from semantic_server.cache.shared_store import SharedStore
-from semantic_server.config import CacheReuse, DiskFormat
+from semantic_server.config import CHUNK_TOKENS, CacheReuse, DiskFormat
 from semantic_server.errors import CacheWriteError
 from semantic_server.models.dims import ModelDims
 

@@ -2,9 +2,10 @@
 shared.
 
 Agents of one deployment share long prefixes (the system prompt and tools), so a cache file
-keeps the full-attention layers of its complete ``CHUNK_TOKENS``-token chunks in files of
-their own, named by a hash of everything that decides their KV: the cache tag (model,
-weights, adapter), the disk format, the tenant, and every token up to the chunk's end.
+keeps the full-attention layers of its complete chunks (``SEMANTIC_CACHE_CHUNK_TOKENS``
+tokens each, default ``config.CHUNK_TOKENS``) in files of their own, named by a hash of
+everything that decides their KV: the cache tag (model, weights, adapter), the disk
+format, the tenant, and every token up to the chunk's end.
 Equal names mean equal KV, so a chunk several agents hold is written once, and a new
 agent's prompt names the chunks it could start from before anything is read.
 
@@ -19,9 +20,6 @@ from array import array
 from pathlib import Path
 
 CHUNKS = "chunks"  # the folder of a tag's chunks, beside its agents' files
-# Tokens a chunk holds: small enough that a 1,500-token system prompt is nearly all in
-# whole chunks, large enough that a 2K-token cache is 16 files, not hundreds.
-CHUNK_TOKENS = 128
 
 
 def tenant_of(agent_id: str) -> str | None:

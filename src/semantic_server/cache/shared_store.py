@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 import redis
 
+from semantic_server.agent_ids import hash_agent
 from semantic_server.cache.cache_file import PreparedFile, write_prepared
-from semantic_server.observability import hash_agent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

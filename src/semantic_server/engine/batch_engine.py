@@ -51,7 +51,6 @@ from semantic_server.engine.jobs import (
     Event,
     Failed,
     Finished,
-    FinishReason,
     Job,
     SamplingParams,
     Started,
@@ -60,6 +59,7 @@ from semantic_server.engine.jobs import (
 from semantic_server.errors import AdapterIncompatible, ModelNotLoaded
 from semantic_server.models.adapters import Adapter
 from semantic_server.models.registry import LoadedModel
+from semantic_server.request_outcome import FinishReason
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
-
-class FinishReason(StrEnum):
-    """Why a generation ended."""
-
-    STOP = "stop"  # an end-of-sequence token or a stop string
-    LENGTH = "length"  # max_tokens reached
-    CANCELLED = "cancelled"  # removed from the batch: its client left, or a stop string hit
+from semantic_server.request_outcome import FinishReason
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from jinja2.exceptions import TemplateError
 
+from semantic_server.agent_ids import hash_agent
 from semantic_server.engine.batch_engine import BatchEngine
 from semantic_server.engine.constraints import GrammarProcessor, check_grammar
 from semantic_server.engine.gate import AdmissionGate
 from semantic_server.engine.jobs import (
     Failed,
     Finished,
-    FinishReason,
     Job,
     SamplingParams,
     Started,
@@ -50,10 +50,10 @@ from semantic_server.errors import (
 from semantic_server.models.adapters import Adapter, AdapterCatalog
 from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.lora import check_adapter
-from semantic_server.observability import hash_agent
+from semantic_server.request_outcome import FinishReason, Outcome
 
 if TYPE_CHECKING:
-    from semantic_server.observability import Observer
+    from semantic_server.observer import Observer
 
 
 class Residency(Protocol):
@@ -67,6 +67,7 @@ class Residency(Protocol):
 
 log = logging.getLogger(__name__)
 
+FALLBACK_CONTEXT_TOKENS = 8192  # a model whose config names no context, with no cap set
 LOAD_ATTEMPTS = 3  # how often a request brings its model back before a 503
 LEASE_POLL_SECONDS = 0.05  # how often a turn asks again for a lease another server holds
 
@@ -133,22 +134,6 @@ class Admitted:
     prompt_tokens: int
     cached_tokens: int
     context: Any = None  # what a Renderer returned for the caller
-
-
-@dataclass
-class Outcome:
-    """How a request ended, for the usage block and the logs."""
-
-    model_id: str
-    fingerprint: str  # of the weights that served it: its model version
-    finish_reason: FinishReason = FinishReason.STOP
-    stop_sequence: str | None = None  # the stop string that ended the text, if one did
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_seconds: float | None = None
-    started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0  # end to end, set when the request finishes
 
 
 def _failure_table(stop: str) -> list[int]:
@@ -232,15 +217,48 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_arg
 
 def tokenize(tokenizer: Any, prompt: Prompt, vocab_size: int,
              template_args: dict[str, Any] | None = None) -> list[int]:
-    """The token ids of any kind of prompt; an empty one or an unknown id is a 400."""
+    """The token ids of any kind of prompt; an empty one or an unknown id is a 400. So is
+    text the tokenizer refuses, on every API, naming the field: a lone surrogate (JSON's
+    ``\\ud800`` escape makes one; it is no Unicode text, and the Rust tokenizers raise a
+    TypeError on it) is found before the tokenizer sees it."""
+
+    def refuse_surrogates(value: Any, param: str) -> None:
+        stack = [value]  # iterative: a deeply nested tool schema cannot exhaust the stack
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                if not item.isascii():
+                    try:
+                        item.encode()
+                    except UnicodeEncodeError as exc:
+                        raise InvalidRequest(
+                            f"{param} holds a lone surrogate (U+{ord(item[exc.start]):04X}): "
+                            "not Unicode text, so it cannot be tokenized", param=param) from None
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
+
     if isinstance(prompt, str):
-        ids = list(tokenizer.encode(prompt))
+        refuse_surrogates(prompt, "prompt")
+        try:
+            ids = list(tokenizer.encode(prompt))
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"the prompt cannot be tokenized: {exc}",
+                                 param="prompt") from exc
     elif prompt and all(isinstance(item, int) for item in prompt):
         if not all(0 <= item < vocab_size for item in prompt):
             raise InvalidRequest(f"token ids must be in 0..{vocab_size - 1}", param="prompt")
         ids = list(prompt)
     else:
-        ids = render_prompt(tokenizer, prompt, **(template_args or {}))
+        refuse_surrogates(prompt, "messages")
+        refuse_surrogates(template_args, "tools")
+        try:
+            ids = render_prompt(tokenizer, prompt, **(template_args or {}))
+        except InvalidRequest as exc:  # the template or the tokenizer refused the messages
+            exc.param = exc.param or "messages"
+            raise
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
     return ids
@@ -287,7 +305,7 @@ def token_logprob(tokenizer: Any, event: TokenOut) -> TokenLogprob:
 
 class GenerationService:
     def __init__(self, engine: BatchEngine, gate: AdmissionGate, versions: ModelVersions,
-                 catalog: ModelCatalog, observer: Observer, max_context_tokens: int,
+                 catalog: ModelCatalog, observer: Observer, max_context_tokens: int | None,
                  max_queued: int = 64, adapters: AdapterCatalog | None = None,
                  residency: Residency | None = None, load_on_demand: bool = False,
                  lease_seconds: float = 30.0) -> None:
@@ -415,8 +433,12 @@ class GenerationService:
                             "ends", retry_after=max(1, round(self.gate.hold_seconds)))
 
     def _context_limit(self, config: dict[str, Any]) -> int:
-        model_limit = config.get("max_position_embeddings") or self.max_context_tokens
-        return min(self.max_context_tokens, int(model_limit))
+        """A model's context: its own, capped by SEMANTIC_MAX_CONTEXT_TOKENS when set (a
+        model whose config names none gets the cap, or 8,192)."""
+        own = config.get("max_position_embeddings") or config.get(
+            "text_config", {}).get("max_position_embeddings")
+        limits = [int(n) for n in (own, self.max_context_tokens) if n]
+        return min(limits) if limits else FALLBACK_CONTEXT_TOKENS
 
     def _check_exists(self, model_id: str | None) -> None:
         """A 404 for a model no swap could load, before the request waits for anything.
@@ -492,6 +514,19 @@ class GenerationService:
             users.count -= 1
             if users.count == 0:
                 self._agent_locks.pop(agent_id, None)
+
+    async def count_tokens(self, request: Prompt | Renderer, model_id: str | None = None,
+                           ) -> int:
+        """How many tokens ``request`` is on the model it names (else the serving one),
+        rendered as a generation would render it; nothing runs on the engine."""
+        model_id, _ = await self._named_adapter(model_id)
+        self._check_exists(model_id)
+        with self.versions.pin(model_id) as loaded:
+            rendered = (await asyncio.to_thread(request, loaded.tokenizer) if callable(request)
+                        else Rendered(request))
+            ids = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
+                                          vocab_size(loaded), rendered.template_args)
+        return len(ids)
 
     async def _admitted(self, make_run: Callable[[], AsyncIterator[Any]],
                         model_id: str | None) -> AsyncIterator[Any]:

@@ -39,6 +39,23 @@ class VersionState(StrEnum):
     RECLAIMED = "reclaimed"  # its caches written, its memory given back
 
 
+# The allowed transitions, in one place. A version loaded beside the serving model is
+# loading, then warming, then serving; one loaded by a sequential swap (or at startup)
+# starts serving. A version replaced by a promotion, or removed from beside, retires; it
+# is retired once its last request ends (or its pins are forgotten), then reclaimed. A
+# ModelVersion holds serving, retiring and retired; the orchestrator logs the others
+# (before the version takes requests, after it is gone). A sequential swap withdraws the
+# serving version only when nothing is pinned to it, and unloads it at once.
+_TRANSITIONS = {
+    VersionState.LOADING: {VersionState.WARMING},
+    VersionState.WARMING: {VersionState.SERVING},
+    VersionState.SERVING: {VersionState.RETIRING},
+    VersionState.RETIRING: {VersionState.RETIRED},
+    VersionState.RETIRED: {VersionState.RECLAIMED},
+    VersionState.RECLAIMED: set(),
+}
+
+
 def log_transition(loaded: LoadedModel | str, state: VersionState, **fields: object) -> None:
     """One log line per lifecycle transition of a model version."""
     model_id = loaded if isinstance(loaded, str) else loaded.model_id
@@ -61,6 +78,12 @@ class ModelVersion:
 
     def __post_init__(self) -> None:
         self._idle.set()
+
+    def transition(self, state: VersionState) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"model version {self.loaded.model_id} cannot go from "
+                               f"{self.state.value} to {state.value}")
+        self.state = state
 
 
 class ModelVersions:
@@ -133,7 +156,7 @@ class ModelVersions:
         started = time.perf_counter()
         old, self.serving = self.serving, ModelVersion(loaded)
         if old is not None:
-            old.state = VersionState.RETIRING
+            old.transition(VersionState.RETIRING)
             self.retiring.append(old)
         pause = time.perf_counter() - started
         log_transition(loaded, VersionState.SERVING, promotion_pause_ms=round(pause * 1e3, 4))
@@ -150,7 +173,7 @@ class ModelVersions:
         """The model loaded beside as ``model_id`` takes no new request and retires: its
         pinned requests finish on it (wait for them with :meth:`retire`)."""
         version = self.beside.pop(model_id)
-        version.state = VersionState.RETIRING
+        version.transition(VersionState.RETIRING)
         self.retiring.append(version)
         log_transition(version.loaded, VersionState.RETIRING, pinned=version.pins)
         return version.loaded
@@ -167,6 +190,7 @@ class ModelVersions:
         """Stop tracking a retiring version whose last pins never ended (their jobs were
         cancelled): a request still holding one fails if it submits anything."""
         for version in [v for v in self.retiring if v.loaded is loaded]:
+            version.transition(VersionState.RETIRED)
             self.retiring.remove(version)
             log_transition(loaded, VersionState.RETIRED, forgotten_pins=version.pins)
 
@@ -176,6 +200,6 @@ class ModelVersions:
         if version is None:
             return
         await version._idle.wait()
-        version.state = VersionState.RETIRED
+        version.transition(VersionState.RETIRED)
         self.retiring.remove(version)
         log_transition(loaded, VersionState.RETIRED)

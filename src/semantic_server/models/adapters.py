@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from semantic_server.errors import AdapterInvalid, AdapterNotFound
+from semantic_server.models.catalog import NAME_RULE, is_name, quoted
 from semantic_server.models.fingerprint import weights_fingerprint
 from semantic_server.models.weight_count import read_header
 
@@ -183,6 +184,10 @@ class AdapterCatalog:
             return []
         listings = []
         for path in sorted(p for p in self.adapters_dir.iterdir() if p.is_dir()):
+            if not is_name(path.name):  # no request could name it
+                listings.append(AdapterListing(path.name, None, f"the folder's name is not an "
+                                               f"adapter name: that is {NAME_RULE}"))
+                continue
             try:
                 listings.append(AdapterListing(path.name, read_adapter(path)))
             except (AdapterInvalid, OSError) as exc:
@@ -191,9 +196,18 @@ class AdapterCatalog:
         return listings
 
     def resolve(self, name: str) -> Adapter:
-        """The adapter called ``name``: 404 if there is none, 422 if it is unusable."""
+        """The adapter called ``name``: 404 if there is none, 422 if it is unusable. The
+        name comes from a client: it is checked before it touches a path, and the disk
+        refusing it (too long, unreadable) is a 404 too, never a 500."""
+        if not is_name(name):
+            raise AdapterNotFound(f"adapter {quoted(str(name))} does not exist: an adapter "
+                                  f"name is {NAME_RULE}")
         path = self.adapters_dir / name
-        if not name or "/" in name or "\\" in name or name.startswith(".") or not path.is_dir():
+        try:
+            found = path.is_dir()
+        except OSError as exc:
+            raise AdapterNotFound(f"adapter {name!r} cannot be found: {exc.strerror}") from None
+        if not found:
             raise AdapterNotFound(f"adapter {name!r} does not exist")
         try:
             return read_adapter(path)

@@ -9,12 +9,39 @@ missing from the cache is downloaded only when the hub is reachable.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from semantic_server.errors import ModelInvalid, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+# What a client may call a model or an adapter, checked before the name goes near a path:
+# 1-128 characters of [A-Za-z0-9._-], not starting with a dot (so never "." or ".."), no
+# path separator. A hub model id is two such names, owner/name.
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+HUB_ID = re.compile(rf"{NAME.pattern}/{NAME.pattern}")
+NAME_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-', not starting with '.'"
+
+
+def is_name(name: object) -> bool:
+    """Whether ``name`` is one a client may give for a model folder or an adapter."""
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
+
+
+def is_model_id(model_id: object) -> bool:
+    """Whether ``model_id`` is one a client may give: a name, or a hub repo's owner/name."""
+    return is_name(model_id) or (isinstance(model_id, str)
+                                 and HUB_ID.fullmatch(model_id) is not None)
+
+
+def quoted(name: str) -> str:
+    """A client's name as an error message quotes it: not all of a 4,000-character one."""
+    return repr(name if len(name) <= 64 else name[:60] + "...")
 
 
 class ModelSource(StrEnum):
@@ -55,6 +82,8 @@ class ModelCatalog:
         self.extra_models = tuple(extra_models)
 
     def available(self) -> list[CatalogEntry]:
+        """Every model a client can name (a folder whose name no client may give is left
+        out, with a warning)."""
         entries: dict[str, CatalogEntry] = {}
         if self.models_dir.is_dir():
             for child in sorted(self.models_dir.iterdir()):
@@ -67,10 +96,17 @@ class ModelCatalog:
             else:
                 entries.setdefault(spec, CatalogEntry(spec, ModelSource.HUGGINGFACE,
                                                       _hf_cached(spec, local_only=True)))
+        for model_id in [m for m in entries if not is_model_id(m)]:
+            log.warning("model %s is left out: a model id is %s", quoted(model_id), NAME_RULE)
+            del entries[model_id]
         return list(entries.values())
 
     def resolve(self, model_id: str) -> Path:
-        """The local directory of ``model_id``, downloading a hub repo if it must and can."""
+        """The local directory of ``model_id``, downloading a hub repo if it must and can;
+        a model id no client may give is not found before anything reads the disk."""
+        if not is_model_id(model_id):
+            raise ModelNotFound(f"model {quoted(str(model_id))} does not exist: a model id is "
+                                f"{NAME_RULE} (or a hub repo's owner/name)")
         entry = next((e for e in self.available() if e.model_id == model_id), None)
         if entry is None:
             raise ModelNotFound(f"model {model_id!r} is not available")

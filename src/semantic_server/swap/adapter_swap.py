@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from semantic_server.engine.batch_engine import BatchEngine
@@ -29,39 +27,13 @@ from semantic_server.engine.versions import ModelVersions
 from semantic_server.errors import ModelNotLoaded, SemanticServerError
 from semantic_server.models.adapters import Adapter, AdapterCatalog
 from semantic_server.models.lora import check_adapter
+from semantic_server.swap_result import AdapterSwapOutcome, AdapterSwapResult
 
 if TYPE_CHECKING:
-    from semantic_server.observability import Observer
+    from semantic_server.observer import Observer
     from semantic_server.swap.orchestrator import ModelSwapOrchestrator
 
 log = logging.getLogger(__name__)
-
-
-class AdapterSwapOutcome(StrEnum):
-    SUCCESS = "success"
-    FAILED = "failed"  # the copy failed: the model kept its adapter
-
-
-@dataclass
-class AdapterSwapResult:
-    """One adapter swap, as ``/admin/swaps`` and the swap's response show it."""
-
-    status: AdapterSwapOutcome
-    model_id: str
-    old_adapter: str | None
-    new_adapter: str | None
-    fingerprint: str | None = None  # the new adapter's
-    slot: int = 0  # the prepared slot it is in (0: no adapter)
-    copied: bool = False  # False: it was already resident in a slot
-    check_ms: float = 0.0
-    copy_ms: float = 0.0
-    switch_ms: float = 0.0
-    duration_ms: float = 0.0
-    message: str = ""
-    kind: str = "adapter"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class AdapterSwapper:

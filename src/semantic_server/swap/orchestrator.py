@@ -34,8 +34,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,10 +56,18 @@ from semantic_server.models.catalog import ModelCatalog
 from semantic_server.models.dims import dims_from_config
 from semantic_server.models.registry import LoadedModel, ModelRegistry
 from semantic_server.models.weight_count import weight_count, weight_files
+from semantic_server.swap_result import (
+    AdapterSwapResult,
+    StepTiming,
+    SwapKind,
+    SwapMode,
+    SwapOutcome,
+    SwapResult,
+    SwapStep,
+)
 
 if TYPE_CHECKING:
-    from semantic_server.observability import Observer
-    from semantic_server.swap.adapter_swap import AdapterSwapResult
+    from semantic_server.observer import Observer
 
 log = logging.getLogger(__name__)
 Phase = Literal["startup", "swap", "rollback"]  # which bring-up a step's log line belongs to
@@ -70,39 +77,7 @@ WARM_UP_SHARE = 0.1  # a load's working memory beyond its weights, as a share of
 CONVERSION_SHARE = 1.5
 RETIRE_GRACE_SECONDS = 5.0  # after cutting the old model's last requests, for them to end
 
-
-class SwapMode(StrEnum):
-    """Which path a swap takes; ``auto`` picks dual when the target fits beside."""
-
-    AUTO = "auto"
-    DUAL = "dual"
-    SEQUENTIAL = "sequential"
-
-
-class SwapKind(StrEnum):
-    """What a model operation changes."""
-
-    SWAP = "swap"  # another model serves the requests that name no model
-    LOAD = "load"  # a model loads beside the resident ones
-    UNLOAD = "unload"  # a model loaded beside leaves
-
-
-class SwapStep(StrEnum):
-    """The steps of both paths."""
-
-    DRAIN = "drain"
-    EVICT = "evict"
-    SHUTDOWN = "shutdown"
-    UNLOAD = "unload"
-    LOAD = "load"
-    RECONFIGURE = "reconfigure"
-    RETAG = "retag"
-    REINIT = "reinit"
-    WARM = "warm"
-    PROMOTE = "promote"
-    RETIRE = "retire"
-
-
+# Each path as data: its steps, in order (their names: SwapStep, in swap_result.py).
 SEQUENTIAL_STEPS = (SwapStep.DRAIN, SwapStep.EVICT, SwapStep.SHUTDOWN, SwapStep.UNLOAD,
                     SwapStep.LOAD, SwapStep.RECONFIGURE, SwapStep.RETAG, SwapStep.REINIT)
 DUAL_STEPS = (SwapStep.LOAD, SwapStep.WARM, SwapStep.RECONFIGURE, SwapStep.RETAG,
@@ -114,20 +89,6 @@ UNLOAD_STEPS = (SwapStep.RETIRE, SwapStep.EVICT, SwapStep.SHUTDOWN, SwapStep.UNL
 # A failure in these steps of the sequential path stops it with nothing changed; after
 # them, it rolls back.
 ABORTABLE = (SwapStep.DRAIN, SwapStep.EVICT)
-
-
-class SwapOutcome(StrEnum):
-    SUCCESS = "success"
-    ABORTED = "aborted"  # stopped before anything was unloaded: the old model serves on
-    ROLLED_BACK = "rolled_back"  # the target failed to come up; the old model is back
-    DEGRADED = "degraded"  # the rollback failed too: no model serves
-
-
-@dataclass
-class StepTiming:
-    name: SwapStep
-    duration_ms: float
-    ok: bool
 
 
 @dataclass(frozen=True)
@@ -153,26 +114,6 @@ class MemoryPlan:
         return (self.need_bytes + self.kept_bytes <= self.budget_bytes
                 and self.need_bytes <= self.available_bytes + self.resident_bytes
                 - self.kept_bytes)
-
-
-@dataclass
-class SwapResult:
-    status: SwapOutcome
-    old_model_id: str | None  # the model that left (a swap's, an unload's), if any
-    new_model_id: str | None  # the model that came (a swap's, a load's), if any
-    mode: SwapMode = SwapMode.SEQUENTIAL  # the path that ran
-    kind: SwapKind = SwapKind.SWAP
-    message: str = ""
-    duration_ms: float = 0.0
-    steps: list[StepTiming] = field(default_factory=list)
-    rollback_steps: list[StepTiming] = field(default_factory=list)
-    evicted_agents: int = 0
-    failed_step: SwapStep | None = None
-    promotion_pause_ms: float | None = None  # dual: how long nobody could be admitted
-    memory: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _StepFailed(Exception):

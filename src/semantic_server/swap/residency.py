@@ -42,7 +42,8 @@ from semantic_server.errors import (
     ServerBusy,
     SwapInProgress,
 )
-from semantic_server.swap.orchestrator import ModelSwapOrchestrator, SwapOutcome, SwapResult
+from semantic_server.swap.orchestrator import ModelSwapOrchestrator
+from semantic_server.swap_result import SwapOutcome, SwapResult
 
 RETRY_SECONDS = 0.1  # after an admin operation held the orchestrator, before trying again
 KEEPER_TICK_SECONDS = 1.0  # the longest the keep-alive waits between two looks

@@ -1,5 +1,6 @@
-"""A real semantic-server process on a free port of 127.0.0.1: for the end-to-end tests,
-the experiments and the benchmarks alike."""
+"""Real processes on free loopback ports, started and stopped by PID: our server
+(``ServerProcess``), Redis and nginx. The end-to-end tests start theirs with these, and so
+do the experiments, the benchmark scripts and ``deploy.replicas``."""
 
 from __future__ import annotations
 
