@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from semantic_server.config import Settings
 from semantic_server.errors import SemanticServerError
+from semantic_server.launch import AGENTS, LaunchError, launch, restore
 
 
 class CliError(Exception):
@@ -160,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--url", help="server URL (default: SEMANTIC_HOST:SEMANTIC_PORT)")
         command.set_defaults(run=run)
 
+    launch = commands.add_parser(
+        "launch", help="run a coding agent on this server (settings written, server started "
+        "if none answers)", description="Run a coding agent on this server; arguments after "
+        "-- go to the agent.")
+    launch.add_argument("agent", choices=sorted(AGENTS), help="the coding agent")
+    launch.add_argument("--url", help="server URL (default: SEMANTIC_HOST:SEMANTIC_PORT; "
+                        "started in the background if none answers there)")
+    launch.add_argument("--model", help="model id (default: the serving model, or the first "
+                        "whose context holds the agent's prompt)")
+    launch.add_argument("--config", action="store_true",
+                        help="only write the agent's settings and print them")
+    launch.add_argument("--restore", action="store_true",
+                        help="remove the settings files this command wrote for the agent")
+    launch.set_defaults(run=_launch)
+
     models = commands.add_parser("models", help="list or import local models")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     listing = models_commands.add_parser("list", help="list the available models")
@@ -173,8 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(args: argparse.Namespace, settings: Settings) -> None:
+    if args.restore:
+        removed = restore(AGENTS[args.agent])
+        print("\n".join(f"removed {path}" for path in removed) or "nothing to remove")
+        return
+    try:
+        status = launch(args.agent, args.url, args.model, args.config, args.agent_args,
+                        settings)
+    except LaunchError as exc:
+        raise CliError(str(exc)) from None
+    if status:
+        sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    own, passed = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+        else (argv, [])
+    args = build_parser().parse_args(own)
+    args.agent_args = passed
     try:
         args.run(args, _settings())
     except (SemanticServerError, CliError) as exc:

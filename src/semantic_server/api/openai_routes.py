@@ -43,7 +43,7 @@ from semantic_server.engine.service import (
     Renderer,
     TokenLogprob,
 )
-from semantic_server.errors import InvalidRequest
+from semantic_server.errors import InvalidRequest, SemanticServerError
 from semantic_server.request_outcome import FinishReason, Outcome
 
 
@@ -249,26 +249,38 @@ def _deltas(answer: Any, text: str) -> list[dict[str, Any]]:
     return deltas
 
 
-def model_ids(server: Any) -> list[str]:
-    """Every model a request may name: each available model, and ``base:adapter`` for
-    each usable adapter whose base is available (reads folders: off the event loop)."""
-    models = [entry.model_id for entry in server.catalog.available()]
+def model_ids(server: Any) -> list[tuple[str, int | None]]:
+    """Every model a request may name, with its context in tokens: each available model,
+    and ``base:adapter`` for each usable adapter whose base is available (reads folders:
+    off the event loop)."""
+    contexts = {entry.model_id: _context(server, entry.model_id)
+                for entry in server.catalog.available()}
     adapters = [listing.adapter for listing in server.adapters.available()
-                if listing.adapter is not None and listing.adapter.base_model in models]
-    return models + [f"{a.base_model}:{a.name}" for a in adapters]
+                if listing.adapter is not None and listing.adapter.base_model in contexts]
+    return [*contexts.items(), *((f"{a.base_model}:{a.name}", contexts[a.base_model])
+                                 for a in adapters)]
+
+
+def _context(server: Any, model_id: str) -> int | None:
+    """A model's context as requests on it get it (None: its config cannot be read)."""
+    try:
+        return server.service.context_limit(server.catalog.read_config(model_id))
+    except SemanticServerError:
+        return None
 
 
 async def list_models(request: Request) -> JSONResponse:
     """Every model a request may name, with where it is (``state``: serving, loading,
-    retiring or available; a ``base:adapter`` is where its base is) and whether it is
-    pinned."""
+    retiring or available; a ``base:adapter`` is where its base is), whether it is pinned,
+    and its ``context_length`` (prompt plus completion, in its own tokens)."""
     server = request.app.state.server
     ids = await asyncio.to_thread(model_ids, server)
     snapshot = server.snapshot()
     return JSONResponse({"object": "list", "data": [
         {"id": model_id, "object": "model", "created": 0, "owned_by": "semantic-server",
          "state": snapshot.model_state(model_id.partition(":")[0]),
-         "pinned": model_id.partition(":")[0] in snapshot.pinned} for model_id in ids]})
+         "pinned": model_id.partition(":")[0] in snapshot.pinned,
+         "context_length": context} for model_id, context in ids]})
 
 
 routes = [

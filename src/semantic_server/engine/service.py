@@ -432,7 +432,7 @@ class GenerationService:
             raise AgentBusy("another request of this agent is still running; retry when it "
                             "ends", retry_after=max(1, round(self.gate.hold_seconds)))
 
-    def _context_limit(self, config: dict[str, Any]) -> int:
+    def context_limit(self, config: dict[str, Any]) -> int:
         """A model's context: its own, capped by SEMANTIC_MAX_CONTEXT_TOKENS when set (a
         model whose config names none gets the cap, or 8,192)."""
         own = config.get("max_position_embeddings") or config.get(
@@ -591,7 +591,7 @@ class GenerationService:
                     else Rendered(request, grammar=params.grammar))
         prompt = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
                                          vocab_size(loaded), rendered.template_args)
-        limit = self._context_limit(loaded.config)
+        limit = self.context_limit(loaded.config)
         if len(prompt) >= limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt)} tokens; this model's context is {limit} tokens")
