@@ -1,6 +1,7 @@
 # The README's two commands: `make serve` and `make test`. Both set up everything from
 # nothing: the virtualenv, the package, OpenBLAS on Linux, Redis and nginx (for the tests
-# of several servers), the two real models and the two LoRA adapters trained on one of them.
+# of several servers), the four coding agents at pinned versions (npm, into .cache/agents),
+# the two real models and the two LoRA adapters trained on one of them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -29,12 +30,13 @@ lint: $(INSTALLED)
 
 setup: $(INSTALLED) $(MODELS) $(ADAPTERS)
 
-$(INSTALLED): pyproject.toml scripts/install_services
+$(INSTALLED): pyproject.toml scripts/install_services scripts/install_agents
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
 	./scripts/install_openblas
 	./scripts/install_services
+	./scripts/install_agents
 	touch $@
 
 $(MODELS): $(INSTALLED) scripts/fetch_models scripts/templates/transcript.jinja src/semantic_server/models/gguf_import.py \

@@ -102,7 +102,9 @@ def test_a_streamed_tool_call_reassembles_to_the_same_call(smol_server):
         (c.function.name, json.loads(c.function.arguments)) for c in whole]
 
 
-def test_the_openai_agents_sdk_runs_a_tool_agent_to_its_end(smol_server):
+@pytest.mark.parametrize("model_class", ["OpenAIChatCompletionsModel", "OpenAIResponsesModel"])
+def test_the_openai_agents_sdk_runs_a_tool_agent_to_its_end(smol_server, model_class):
+    """On chat completions, and on the Responses API (the SDK's default model)."""
     agents.set_tracing_disabled(True)
     called = []
 
@@ -113,13 +115,13 @@ def test_the_openai_agents_sdk_runs_a_tool_agent_to_its_end(smol_server):
         return f"Sunny in {city}"
 
     client = openai.AsyncOpenAI(base_url=f"{smol_server.url}/v1", api_key="unused",
-                                default_headers={"X-Agent-ID": "sdk-agent"})
+                                default_headers={"X-Agent-ID": f"sdk-{model_class}"})
     agent = agents.Agent(
         name="weather", instructions="Use the tool to answer.", tools=[get_weather],
         tool_use_behavior="stop_on_first_tool",
-        model=agents.OpenAIChatCompletionsModel(model=smol_server.model, openai_client=client),
+        model=getattr(agents, model_class)(model=smol_server.model, openai_client=client),
         model_settings=agents.ModelSettings(tool_choice="required", temperature=0,
-                                            max_tokens=40))
+                                            parallel_tool_calls=False, max_tokens=40))
     result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?",
                                            max_turns=3))
     assert len(called) == 1 and isinstance(called[0], str)

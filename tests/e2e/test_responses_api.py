@@ -1,17 +1,15 @@
 """The Responses API and Claude Code's Messages fields with real clients on a real model:
 the ``openai`` client's ``responses.create`` / ``responses.stream`` and
 ``previous_response_id`` (across a restart and a swap round trip, continuing on the
-agent's cache), the OpenAI Agents SDK on its default Responses model, and the
+agent's cache), and the
 ``anthropic`` client with ``thinking``, ``cache_control`` and ``count_tokens``. SmolLM2 is
 too small to choose tools well, so tool tests require the tool and forbid parallel calls:
 what they check is that the answer parses and the cache carries over."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import agents
 import anthropic
 import openai
 import pytest
@@ -102,29 +100,6 @@ def test_stream_and_a_function_call_round_trip(smol_server):
         temperature=0, max_output_tokens=30)
     assert answer.output[0].type == "message"
     assert answer.usage.input_tokens_details.cached_tokens >= called.usage.input_tokens
-
-
-def test_the_agents_sdk_runs_on_its_default_responses_model(smol_server):
-    agents.set_tracing_disabled(True)
-    calls = []
-
-    @agents.function_tool
-    def get_weather(city: str) -> str:
-        """The current weather in a city."""
-        calls.append(city)
-        return f"Sunny in {city}"
-
-    client = openai.AsyncOpenAI(base_url=f"{smol_server.url}/v1", api_key="unused",
-                                max_retries=0, timeout=300)
-    agent = agents.Agent(
-        name="weather", instructions="Use the tool.", tools=[get_weather],
-        model=agents.OpenAIResponsesModel(model=SMOLLM2, openai_client=client),
-        model_settings=agents.ModelSettings(tool_choice="required", parallel_tool_calls=False,
-                                            temperature=0, max_tokens=60),
-        tool_use_behavior="stop_on_first_tool")
-    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?",
-                                           max_turns=3))
-    assert len(calls) == 1 and result.final_output == f"Sunny in {calls[0]}"
 
 
 def test_anthropic_client_with_thinking_cache_control_and_count_tokens(smol_server):
