@@ -44,9 +44,9 @@ def gguf_path():
 # The real tier's slowest files (about a minute or more each, measured in CI), started
 # first: with two workers taking files in order, the long ones then overlap instead of
 # one of them running alone at the end.
-SLOW_FIRST = ("test_swap_durability.py", "test_shared_store.py", "test_import_reference.py",
-              "test_experiments_smoke.py", "test_swap.py", "test_resident_models.py",
-              "test_lora_adapters.py", "test_observability.py")
+SLOW_FIRST = ("test_coding_agents.py", "test_swap_durability.py", "test_shared_store.py",
+              "test_import_reference.py", "test_experiments_smoke.py", "test_swap.py",
+              "test_resident_models.py", "test_lora_adapters.py", "test_observability.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

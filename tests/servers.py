@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -120,7 +121,8 @@ class RedisProcess:
     def __init__(self, password: str = "test-redis-password") -> None:
         self.password = password
         self.port = free_port()
-        self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
+        # percent-encoded, as the URL's user must write it (README, SEMANTIC_CACHE_STORE)
+        self.url = f"redis://:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> RedisProcess:

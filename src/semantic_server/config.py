@@ -6,9 +6,11 @@ server with any combination of them without touching the environment.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +21,33 @@ ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
 # files, not hundreds.
 CHUNK_TOKENS = 128
 API_KEY_MIN_LENGTH = 8  # shorter API keys are refused at startup (SEMANTIC_API_KEYS)
+REDIS_URL_FORM = "redis://[:password@]host:port/db"
+# what the refusal of a Redis URL says to do: a password's reserved characters cut the URL
+# short (a / starts its path, ? its query, # its fragment), so they are percent-encoded
+PERCENT_ENCODING = ("percent-encode its password (/ as %2F, # as %23, ? as %3F, @ as %40, "
+                    "% as %25; urllib.parse.quote(password, safe=''))")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, or None when it parses as host, port and database.
+
+    The answer never quotes the URL, or any part of it: it may hold a password, and a
+    password holding /, ? or # leaves parts of itself where the host, port or database
+    would be read (``redis://:pa/ss@host`` reads port "pa" and database "ss@host").
+    """
+    if not url.startswith(("redis://", "rediss://")):
+        return "must be file or a redis:// or rediss:// URL"
+    invalid = f"is not a valid Redis URL ({REDIS_URL_FORM}): {PERCENT_ENCODING}"
+    parts = urlsplit(url)
+    try:
+        _ = parts.port  # parsed when read; its ValueError would quote the password
+    except ValueError:
+        return invalid
+    after_host = url[len(parts.scheme) + 3 + len(parts.netloc):]
+    if not parts.hostname or "@" in after_host or parts.fragment \
+            or not re.fullmatch(r"/?\d*", parts.path):
+        return invalid
+    return None
 
 
 class CacheReuse(StrEnum):
@@ -151,8 +180,9 @@ class Settings(BaseSettings):
         32, gt=0, description="Requests that may wait for one model to load; more get 429.")
     cache_store: SecretStr = Field(
         SecretStr("file"), description="Where cold caches live: file (this server's "
-        "folder) or redis://[:password@]host:port/db (the folder, and Redis, which other "
-        "servers read: any server resumes any agent). A secret: it may hold a password.")
+        f"folder) or {REDIS_URL_FORM} (the folder, and Redis, which other servers read: "
+        "any server resumes any agent), its password percent-encoded (/ as %2F, # as %23, "
+        "? as %3F). A secret: it may hold a password.")
     redis_max_value_bytes: int = Field(
         256 * 2**20, gt=0, description="Caches whose file is larger stay in the local "
         "folder only.")
@@ -161,8 +191,8 @@ class Settings(BaseSettings):
     def _known_store(cls, store: SecretStr) -> SecretStr:
         """The message never quotes the value: it may hold a password."""
         value = store.get_secret_value()
-        if value != "file" and not value.startswith(("redis://", "rediss://")):
-            raise ValueError("must be file or a redis:// or rediss:// URL")
+        if value != "file" and (problem := redis_url_problem(value)) is not None:
+            raise ValueError(problem)
         return store
 
     agent_lease_seconds: float = Field(

@@ -6,6 +6,8 @@ shows its password."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,30 @@ def test_a_whole_copy_from_redis_frees_the_chunks_of_the_file_it_replaces(tmp_pa
     assert list(chunks.glob("*.safetensors")) == []  # the old file's chunks are freed
     assert store.residency().cold_bytes == (
         folder / FULL_TAG.digest / agent_file_name("a")).stat().st_size
+
+
+def test_a_password_with_reserved_characters_works_percent_encoded(tmp_path):
+    # /, # and ? in the password: the URL holds it percent-encoded (RedisProcess.url), and
+    # Redis gets it decoded; a copy brought from Redis is as private as any cache file.
+    server = RedisProcess(password="pa/ss#wo?rd").start()
+    before = os.umask(0)  # only the server's own modes keep its files private
+    try:
+        assert "%2F" in server.url and "%23" in server.url and "%3F" in server.url
+        shared = SharedStore(server.url, 2**20)
+        assert shared.acquire("agent", shared.turn_token(), 30) is True
+        assert shared.errors == {}
+        shared.write_through(tmp_path / "other" / TAG.digest / agent_file_name("a"),
+                             prepare_file(TAG, AgentCache("a", _layers(8), list(range(8)))))
+        folder = tmp_path / "server"
+        store = AgentCacheStore(BlockPool(budget_bytes=2**20, block_tokens=4), folder,
+                                shared=shared)
+        store.add_model(TAG, DIMS)
+        assert store.refresh(TAG, "a") is False  # brought into the folder (none hot)
+        assert store.checkout(TAG, "a").tokens == list(range(8))
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode)
+                 for path in [folder, *folder.rglob("*")]}
+        assert modes == {"server": 0o700, TAG.digest: 0o700, "tag.json": 0o600,
+                         agent_file_name("a"): 0o600}, modes
+    finally:
+        os.umask(before)
+        server.stop()

@@ -5,16 +5,19 @@ requests, an engine thread that dies, a swap whose caller goes away."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 
 import pytest
 
 from semantic_server.api.client_watch import ClientWatchMiddleware
+from semantic_server.app import create_app
 from semantic_server.engine.batch_engine import EngineStopped
 from semantic_server.engine.gate import ServerState
 from semantic_server.errors import AgentBusy, QueueFull, ServiceDegraded
 from semantic_server.swap_result import SwapOutcome
-from tests.fakes import DIMS, run_turn
+from tests.fakes import DIMS, FakeGenerator, run_turn
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -148,3 +151,94 @@ async def test_a_swap_whose_caller_leaves_still_finishes(server, fake_models):
     await wait_until(lambda: server.orchestrator.history)
     assert server.orchestrator.history[-1].status is SwapOutcome.SUCCESS
     assert server.gate.state is ServerState.READY and server.snapshot().model_id == "fake-b"
+
+
+# The real app over fake models, called as uvicorn calls it: its receive() reports
+# http.disconnect once the response's last body message is sent (uvicorn's
+# RequestResponseCycle does so), or when the client really leaves.
+
+
+def _asgi_app(server):
+    app = create_app(server.settings, registry=server.registry,
+                     make_generator=FakeGenerator.factory)
+    app.state.server = server  # the lifespan's work, done by the fixture
+    return app
+
+
+def _scope(body: bytes) -> dict:
+    return {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+            "scheme": "http", "http_version": "1.1", "server": ("127.0.0.1", 8000),
+            "client": ("127.0.0.1", 40000),
+            "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}
+
+
+STREAM = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+                     "stream": True}).encode()
+
+
+def _left(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "client left" in r.getMessage()]
+
+
+def _request_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "request"]
+
+
+async def test_a_stream_read_to_the_end_is_finished_not_a_client_that_left(start, caplog):
+    server = await start()
+    app = _asgi_app(server)
+    complete = asyncio.Event()  # the response's last body message was sent
+    parts = [{"type": "http.request", "body": STREAM, "more_body": False}]
+    sent: list = []
+
+    async def receive():
+        if parts:
+            return parts.pop(0)
+        await complete.wait()  # uvicorn: response_complete -> http.disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            complete.set()
+
+    caplog.set_level(logging.INFO)
+    await asyncio.wait_for(app(_scope(STREAM), receive, send), 5)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert sent[0]["status"] == 200 and body.rstrip().endswith(b"data: [DONE]")
+    assert _left(caplog) == []
+    lines = _request_lines(caplog)
+    assert len(lines) == 1 and lines[0].fields["status"] == 200
+    assert server.snapshot().active_sequences == 0 and server.gate.in_flight == 0
+
+
+async def test_a_client_that_leaves_mid_stream_is_logged_and_its_request_cancelled(
+        start, fake_models, caplog):
+    server = await start()
+    fake_models["fake-a"].step_gate = threading.Event()  # the stream stays open
+    app = _asgi_app(server)
+    streaming = asyncio.Event()  # the response has started
+    left = asyncio.Event()
+    parts = [{"type": "http.request", "body": STREAM, "more_body": False}]
+
+    async def receive():
+        if parts:
+            return parts.pop(0)
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        streaming.set()
+
+    caplog.set_level(logging.INFO)
+    call = asyncio.create_task(app(_scope(STREAM), receive, send))
+    await asyncio.wait_for(streaming.wait(), 5)
+    await wait_until(lambda: server.snapshot().active_sequences == 1)
+    left.set()
+    await asyncio.wait_for(call, 5)
+    assert len(_left(caplog)) == 1
+    assert _request_lines(caplog) == []  # never logged as finished
+    await wait_until(lambda: server.snapshot().active_sequences == 0)
+    fake_models["fake-a"].step_gate.set()

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from semantic_server.api.responses_routes import ITEMS, _turns
+
 REPLY = "Hello from A."
 
 
@@ -115,3 +117,15 @@ def test_what_cannot_be_honoured_is_a_400(client, body, param):
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and param in (error["param"] or "")
+
+
+def test_a_cut_call_echoed_back_is_rendered_not_refused():
+    """Codex resends the whole history, a call that max_output_tokens cut short included
+    (arguments that are not JSON): OpenAI's API takes it, and so does this one."""
+    items = ITEMS.validate_python([
+        {"role": "user", "content": "Run it."},
+        {"type": "function_call", "call_id": "c1", "name": "exec", "arguments": '{"cmd":"ca'},
+        {"type": "function_call_output", "call_id": "c1", "output": "cut"}])
+    turns = _turns("Be brief.", items)
+    assert turns[2].calls[0].arguments == {"_unparsed": '{"cmd":"ca'}
+    assert turns[3].role == "tool" and turns[3].name == "exec"

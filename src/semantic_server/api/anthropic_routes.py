@@ -308,6 +308,9 @@ async def _events(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
                 for event in (blocks.answer(answer, item) if answer else blocks.text(item)):
                     yield event
                 continue
+            if blocks.index < 0:  # an empty answer (or a call cut short): one empty text
+                for event in blocks.start("text", {"type": "text", "text": ""}):  # block,
+                    yield event  # as in the reply not streamed
             for event in blocks.stop():
                 yield event
             yield _event("message_delta", {"delta": {

@@ -9,6 +9,11 @@ been read, listens for ``http.disconnect``: when it comes, the task is cancelled
 which cancels the request's engine job (the agent keeps what its cache holds) and frees
 its slot and lock. A ``send`` that does not complete within ``send_timeout`` seconds (a
 client that stopped reading) is treated the same way, and the connection is dropped.
+
+Once the app has sent its response's last body message the client is served: uvicorn then
+reports ``http.disconnect`` too (its ``receive`` says so as soon as a response is complete),
+and that is neither a client that left nor a reason to cancel what the app still does (its
+logs, its cache's check-in); the request is logged as finished by the service.
 """
 
 from __future__ import annotations
@@ -31,16 +36,26 @@ class ClientWatchMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        gone = asyncio.Event()  # the client disconnected or stopped reading
+        gone = asyncio.Event()  # the client left (or stopped reading) before it was served
+        disconnected = asyncio.Event()  # the connection reported http.disconnect
         body_read = asyncio.Event()
+        # the app handed over its response's last body message: from then on a disconnect
+        # is the end of a served request (set before that send returns, since uvicorn may
+        # report the disconnect to the watcher first)
+        responded = False
+
+        def disconnect() -> None:
+            disconnected.set()
+            if not responded:
+                gone.set()
 
         async def watched_receive() -> Message:
             if body_read.is_set():  # from now on only the watcher reads the socket
-                await gone.wait()
+                await disconnected.wait()
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.disconnect":
-                gone.set()
+                disconnect()
             elif not message.get("more_body", False):
                 body_read.set()
             return message
@@ -49,9 +64,12 @@ class ClientWatchMiddleware:
             await body_read.wait()
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone.set()
+            disconnect()
 
         async def timed_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                responded = True
             try:
                 await asyncio.wait_for(send(message), self.send_timeout)
             except TimeoutError:
@@ -59,6 +77,7 @@ class ClientWatchMiddleware:
                     "request_id": scope.get("state", {}).get("request_id"),
                     "send_timeout_s": self.send_timeout}})
                 gone.set()
+                disconnected.set()
                 await asyncio.Event().wait()  # until the task is cancelled, just below
 
         app_task = asyncio.create_task(self.app(scope, watched_receive, timed_send))

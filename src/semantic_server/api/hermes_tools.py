@@ -30,10 +30,11 @@ from semantic_server.api.tool_types import (
     new_call_id,
     scrub,
 )
+from semantic_server.engine.constraints import JSON_OPTIONS, bounded_schema
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 BLOCK = re.compile(r"<tool_call>\n(.*?)\n</tool_call>", re.DOTALL)
-TOJSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+TOJSON = {**JSON_OPTIONS, "item_separator": ", ", "key_separator": ": "}
 
 
 def tojson(value: Any) -> str:
@@ -72,11 +73,11 @@ class HermesFormat:
 
         allowed = [t for t in tools
                    if choice.mode is not ChoiceMode.NAMED or t.name == choice.name]
-        call = {"anyOf": [{"type": "object",
-                           "properties": {"name": {"const": t.name},
-                                          "arguments": t.parameters or {"type": "object"}},
-                           "required": ["name", "arguments"], "additionalProperties": False}
-                          for t in allowed], "x-guidance": TOJSON}
+        call = {**bounded_schema({"anyOf": [
+            {"type": "object", "properties": {"name": {"const": t.name},
+                                              "arguments": t.parameters or {"type": "object"}},
+             "required": ["name", "arguments"], "additionalProperties": False}
+            for t in allowed]}), "x-guidance": TOJSON}
         several = choice.parallel and choice.mode is not ChoiceMode.NAMED
         calls = 'call ("\\n" call)*' if several else "call"
         start = {ChoiceMode.NONE: "text", ChoiceMode.AUTO: "text | calls"}.get(
@@ -88,8 +89,8 @@ class HermesFormat:
         return llguidance.LLMatcher.grammar_from_lark(lark)
 
     def parse(self, text: str, id_prefix: str) -> Answer:
-        if not text.startswith(OPEN):
-            return Answer(text, [], True)
+        if not text.startswith(OPEN) and not (text and OPEN.startswith(text)):
+            return Answer(text, [], True)  # (an opening cut short is a call cut short)
         blocks = BLOCK.findall(text)
         calls = []
         for block in blocks:

@@ -24,7 +24,9 @@ from semantic_server.api.errors import stream_error
 from semantic_server.api.identity import agent_id_of, family, tenant_of
 from semantic_server.api.request_id import request_id_of
 from semantic_server.api.schemas import ChatCompletionRequest, ChatMessage
+from semantic_server.api.tool_types import history_arguments
 from semantic_server.api.turn import (
+    ANY_OBJECT,
     capped_max_tokens,
     collect,
     openai_usage,
@@ -67,17 +69,6 @@ def _choice(chat: ChatCompletionRequest) -> t.ToolChoice:
     return t.ToolChoice(mode, None, chat.parallel_tool_calls)
 
 
-def _arguments(call_id: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"tool call {call_id}: function.arguments must be a JSON object",
-                             param="messages")
-    return value
-
-
 def _turns(messages: list[ChatMessage]) -> list[t.Turn]:
     """The conversation in the neutral form every tool format renders."""
     names: dict[str, str] = {}  # tool call id -> function name
@@ -93,7 +84,7 @@ def _turns(messages: list[ChatMessage]) -> list[t.Turn]:
                                 name=name))
         elif message.role == "assistant" and message.tool_calls:
             calls = tuple(t.ToolCall(c.id, c.function.name,
-                                     _arguments(c.id, c.function.arguments))
+                                     history_arguments(c.function.arguments))
                           for c in message.tool_calls)
             names.update({call.id: call.name for call in calls})
             turns.append(t.Turn("assistant", message.text(), calls))
@@ -128,7 +119,7 @@ def prepare(chat: ChatCompletionRequest,
     if not wants_json:
         return messages, None, withheld
     if chat.response_format.type == "json_object":
-        return messages, schema_grammar({"type": "object"}, "response_format"), withheld
+        return messages, schema_grammar(ANY_OBJECT, "response_format"), withheld
     spec = chat.response_format.json_schema
     if spec is None or not spec.schema_:
         raise InvalidRequest("response_format json_schema needs json_schema.schema",

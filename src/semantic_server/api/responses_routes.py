@@ -46,7 +46,9 @@ from semantic_server.api.responses_schemas import (
     ResponsesRequest,
     ResponsesTool,
 )
+from semantic_server.api.tool_types import history_arguments
 from semantic_server.api.turn import (
+    ANY_OBJECT,
     capped_max_tokens,
     collect,
     read_json,
@@ -108,17 +110,6 @@ def _toolset(declared: list[ResponsesTool]) -> Toolset:
     return toolset
 
 
-def _arguments(call: FunctionCallItem) -> dict[str, Any]:
-    try:
-        value = json.loads(call.arguments)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"function_call {call.call_id}: arguments must be a JSON object",
-                             param="input")
-    return value
-
-
 def _turns(instructions: str | None, items: list[Any]) -> list[t.Turn]:
     """The conversation in the neutral form every tool format renders: consecutive
     function calls (and the assistant text before them) are one assistant turn."""
@@ -128,7 +119,7 @@ def _turns(instructions: str | None, items: list[Any]) -> list[t.Turn]:
     for item in items:
         if isinstance(item, FunctionCallItem):
             name = f"{item.namespace}.{item.name}" if item.namespace else item.name
-            call = t.ToolCall(item.call_id, name, _arguments(item))
+            call = t.ToolCall(item.call_id, name, history_arguments(item.arguments))
             names[item.call_id] = name
             if calling:
                 turns[-1] = replace(turns[-1], calls=(*turns[-1].calls, call))
@@ -165,7 +156,7 @@ def _format_grammar(body: ResponsesRequest) -> Grammar | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return schema_grammar({"type": "object"}, "text.format")
+        return schema_grammar(ANY_OBJECT, "text.format")
     if not fmt.schema_:
         raise InvalidRequest("text.format json_schema needs a schema", param="text.format")
     return schema_grammar(fmt.schema_, "text.format.schema")

@@ -6,6 +6,7 @@ answer and the events of a streamed one. Every tool format (``tools.py``'s gener
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
@@ -97,3 +98,18 @@ class ArgumentsDelta:
 
 
 StreamEvent = TextDelta | CallStart | ArgumentsDelta
+
+
+UNPARSED = "_unparsed"
+
+
+def history_arguments(text: str) -> dict[str, Any]:
+    """A tool call's arguments as a client sends them back in the history: a JSON object
+    as it is; anything else (a call that ``max_tokens`` cut short, which agents echo back,
+    as OpenAI's API accepts) kept whole under ``_unparsed``, so the model sees what it
+    wrote and the request is not refused for the server's own cut."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {UNPARSED: text}

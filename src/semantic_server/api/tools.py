@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from semantic_server.api.hermes_tools import HermesFormat
@@ -142,13 +142,18 @@ def generic_messages(turns: list[Turn], tools: list[Tool]) -> list[dict[str, str
 
 
 def parse_answer(output: str, id_prefix: str = "call_") -> Answer:
-    """The answer in ``output``; one cut short gives the reply text it had reached (a tool
-    call cut short gives nothing: its arguments would not parse)."""
+    """The answer in ``output``. One cut short (by max_tokens) gives what its stream sent:
+    the reply text it had reached, or the tool calls that had closed (a call cut short is
+    neither: its arguments would not parse)."""
     try:
         value = scrub(json.loads(output))
     except ValueError:
         reached = OutputStream(id_prefix).feed(output)
-        return Answer("".join(e.text for e in reached if isinstance(e, TextDelta)), [], False)
+        arguments = {e.index: e.json for e in reached if isinstance(e, ArgumentsDelta)}
+        calls = [ToolCall(e.id, e.name, scrub(json.loads(arguments[e.index])))
+                 for e in reached if isinstance(e, CallStart)]
+        text = "".join(e.text for e in reached if isinstance(e, TextDelta))
+        return Answer(None if calls else text, calls, False)
     if "tool_calls" in value:
         return Answer(None, [ToolCall(new_call_id(id_prefix), c["name"], c["arguments"])
                              for c in value["tool_calls"]], True)
@@ -187,7 +192,9 @@ class OutputStream:
 
     The grammar guarantees the answer's shape (compact JSON, keys in order), so a small
     state machine follows it: the reply's JSON string is unescaped as it comes; each tool
-    call's name is announced once complete and its arguments' JSON passed on as it grows.
+    call is passed on whole once its arguments close (its start, then its arguments' JSON
+    in one piece), so a call that max_tokens cuts short is never sent, as parsing the whole
+    answer does not return it either (README, "What is constrained").
     """
 
     id_prefix: str = "call_"
@@ -197,7 +204,8 @@ class OutputStream:
     depth: int = 0
     in_string: bool = False
     escaped: bool = False
-    pending: list[str] = field(default_factory=list)
+    call: CallStart | None = None  # the call whose arguments are coming
+    arguments: str = ""  # its arguments so far
 
     def feed(self, text: str) -> list[StreamEvent]:
         self.buffer += text
@@ -211,7 +219,7 @@ class OutputStream:
             elif self.state == "reply":
                 yield from self._reply()
             elif self.state == "name":
-                yield from self._name()
+                self._name()
             elif self.state == "arguments":
                 yield from self._arguments()
             elif self.state == "between":
@@ -265,13 +273,14 @@ class OutputStream:
         elif not (_NAME.startswith(self.buffer) or "]}".startswith(self.buffer)):
             self.state = "done"
 
-    def _name(self) -> Iterator[StreamEvent]:
+    def _name(self) -> None:
         end = self.buffer.find(_ARGS)
         if end < 0:
             return
         name, self.buffer = self.buffer[:end], self.buffer[end + len(_ARGS):]
         self.state, self.depth, self.in_string, self.escaped = "arguments", 0, False, False
-        yield CallStart(self.calls, new_call_id(self.id_prefix), json.loads(f'"{name}"'))
+        self.call = CallStart(self.calls, new_call_id(self.id_prefix), json.loads(f'"{name}"'))
+        self.arguments = ""
 
     def _arguments(self) -> Iterator[StreamEvent]:
         for i, char in enumerate(self.buffer):
@@ -289,15 +298,14 @@ class OutputStream:
                 self.depth += 1
             elif char in "}]":
                 self.depth -= 1
-                if self.depth == 0:  # the arguments' object closed
-                    piece, self.buffer = self.buffer[:i + 1], self.buffer[i + 1:]
-                    self.state = "between"
+                if self.depth == 0 and self.call is not None:  # the arguments closed
+                    self.arguments += self.buffer[:i + 1]
+                    self.buffer, self.state = self.buffer[i + 1:], "between"
                     self.calls += 1
-                    yield ArgumentsDelta(self.calls - 1, piece)
+                    yield self.call
+                    yield ArgumentsDelta(self.call.index, self.arguments)
                     return
-        piece, self.buffer = self.buffer, ""
-        if piece:
-            yield ArgumentsDelta(self.calls, piece)
+        self.arguments, self.buffer = self.arguments + self.buffer, ""
 
 
 # ---- the format of the admitted model -------------------------------------------------------

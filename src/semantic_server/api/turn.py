@@ -51,6 +51,11 @@ def capped_max_tokens(request: Request, requested: int | None) -> int:
     return min(requested or settings.default_max_tokens, settings.max_tokens_limit)
 
 
+ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
+"""The schema of a ``json_object`` answer: any object (the grammar closes every object a
+schema does not explicitly leave open)."""
+
+
 def schema_grammar(schema: dict[str, Any], param: str) -> Grammar:
     """The grammar of answers that match a JSON schema; one it cannot be made from is a
     400 naming ``param``."""

@@ -51,6 +51,7 @@ from semantic_server.cache.cache_file import (
     PreparedFile,
     agent_file_name,
     prepare_file,
+    private_folder,
     read_cache,
     read_prefix,
     read_summary,
@@ -654,7 +655,7 @@ class AgentCacheStore:
         held = len(hot.tokens) if hot is not None else self._file_tokens(path)
         if remote <= held or (data := self.shared.get(path)) is None:
             return False
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
         if read_tag_file(path.parent) != tag:
             write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
         write_atomically(path, lambda tmp: tmp.write_bytes(data))
@@ -835,11 +836,12 @@ class AgentCacheStore:
         if self.shared is not None:
             self.shared.delete(path)
         target = self.cache_dir / QUARANTINE
-        target.mkdir(parents=True, exist_ok=True)
         name = f"{path.parent.name}-{path.stem}-{int(time.time() * 1000)}"
         try:
+            private_folder(target)
             shutil.move(str(path), target / f"{name}.safetensors")
-            (target / f"{name}.reason.txt").write_text(reason + "\n")
+            write_atomically(target / f"{name}.reason.txt",
+                             lambda tmp: tmp.write_text(reason + "\n"))
         except OSError as exc:
             log.error("could not quarantine %s: %s", path, exc)
         kept = sorted(target.glob("*.safetensors"), key=lambda p: p.name.rsplit("-", 1)[-1])

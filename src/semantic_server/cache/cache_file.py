@@ -11,11 +11,14 @@ complete chunks are in ``<cache_dir>/<tag-hash>/chunks/<chunk-key>.safetensors``
 the agent's file lists them and holds the rest. A write goes to a temporary file in the
 same folder, is fsynced, then renamed over the old one: a crash leaves the old file or the
 new one, never half of one (chunks are written before the file that lists them). File
-names are hashes, so no agent id can reach outside the folder.
+names are hashes, so no agent id can reach outside the folder. The folders the server
+makes are 0700 and every file it writes 0600, whatever the umask: caches hold what agents
+were told.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -41,6 +44,8 @@ from semantic_server.models.tag import ModelTag
 FORMAT_VERSION = 2  # 2: a CRC-32 of every array in the metadata
 TAG_FILE = "tag.json"
 HEADER_BYTES_PER_ARRAY = 128  # a safetensors header entry: name, dtype, shape, offsets
+FOLDER_MODE = 0o700  # the cache folders and files: the server's user's alone
+FILE_MODE = 0o600
 _CACHE_CLASSES = {"KVCache": mlx_cache.KVCache, "RotatingKVCache": mlx_cache.RotatingKVCache}
 
 
@@ -326,14 +331,14 @@ def write_prepared(path: Path, prepared: PreparedFile) -> int:
     after its chunk files that are not on disk yet (a chunk's name says its content);
     returns the size of ``path``. No MLX call: any thread may write (the writer does)."""
     tag = prepared.tag
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     if read_tag_file(path.parent) != tag:  # missing, or damaged by an older writer
         write_atomically(path.parent / TAG_FILE, lambda tmp: tmp.write_text(tag.to_json()))
     step = prepared.chunk_tokens
     for key, n in prepared.to_write:
         target = chunk_path(path.parent, key)
         if not target.exists():
-            target.parent.mkdir(exist_ok=True)
+            private_folder(target.parent)
             metadata = {"tag": prepared.metadata["tag"], "chunk": key,
                         "disk_format": prepared.metadata["disk_format"],
                         "tokens": f"{n * step}:{(n + 1) * step}"}
@@ -372,14 +377,38 @@ def write_cache(path: Path, tag: CacheTag, entry: AgentCache,
     return write_prepared(path, prepare_file(tag, entry, fmt, chunk_tokens, on_disk))
 
 
+def private_folder(folder: Path) -> None:
+    """Make ``folder``, and its parents that are missing, readable by the server's user
+    alone (0700, whatever the umask); a folder that exists is left as it is."""
+    missing = []
+    above = folder
+    while not above.exists():
+        missing.append(above)
+        above = above.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:
+            continue  # another thread made it (and sets its mode)
+        os.chmod(made, FOLDER_MODE)  # mkdir's mode is masked by the umask
+    if not folder.is_dir():  # a file where the folder goes
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a temporary file beside ``path``, fsync, rename: a crash or a full disk
-    leaves the old file or the new one, never part of one."""
+    leaves the old file or the new one, never part of one. The file is 0600 (whatever the
+    umask) from before its first byte: ``write`` opens it with its mode already set."""
     # the pid (a file a killed process left is found at startup) and the thread: two
     # threads writing one path never share a temporary file
     temporary = path.with_name(
         f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
     try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits off, or a killed
+        finally:  # process left this name with another mode
+            os.close(fd)
         write(temporary)
         with temporary.open("rb+") as handle:
             _fsync(handle.fileno())

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from semantic_server.cache.cache_file import write_atomically
+from semantic_server.cache.cache_file import private_folder, write_atomically
 
 FOLDER = "responses"
 
@@ -43,15 +42,9 @@ class ResponseRecords:
         return self.folder / f"{hashlib.blake2b(key, digest_size=20).hexdigest()}.json"
 
     def put(self, record: ResponseRecord) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(self.folder)  # 0700, and the file 0600 (write_atomically)
         data = json.dumps(asdict(record), ensure_ascii=False).encode("utf-8", "surrogatepass")
-
-        def write(temporary: Path) -> None:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-
-        write_atomically(self._path(record.tenant, record.id), write)
+        write_atomically(self._path(record.tenant, record.id), lambda tmp: tmp.write_bytes(data))
 
     def get(self, tenant: str | None, response_id: str) -> ResponseRecord | None:
         """The tenant's record of ``response_id``; None when there is none (or it cannot be

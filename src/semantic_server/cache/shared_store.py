@@ -33,6 +33,7 @@ import redis
 
 from semantic_server.agent_ids import hash_agent
 from semantic_server.cache.cache_file import PreparedFile, write_prepared
+from semantic_server.config import redis_url_problem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,9 +54,13 @@ _PUT = "local held = tonumber(redis.call('get', KEYS[2]) or '-1') " \
 
 
 def redacted(url: str) -> str:
-    """``url`` without its user name and password, for logs and errors."""
+    """``url`` without its user name and password, for logs and errors: its host, port and
+    database, or less when the URL does not parse as a valid one (then parts of a password
+    can stand where they would be)."""
+    if redis_url_problem(url) is not None:
+        return "redis://(an invalid URL)"
     parts = urlsplit(url)
-    host = parts.hostname or ""
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
@@ -65,6 +70,8 @@ class SharedStore:
     event loop's threads and the engine thread all call it)."""
 
     def __init__(self, url: str, max_value_bytes: int) -> None:
+        if (problem := redis_url_problem(url)) is not None:  # never quoting the URL
+            raise ValueError(f"SEMANTIC_CACHE_STORE {problem}")
         self.where = redacted(url)
         self.max_value_bytes = max_value_bytes
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
