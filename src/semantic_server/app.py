@@ -32,6 +32,7 @@ from semantic_server.api.client_watch import ClientWatchMiddleware
 from semantic_server.api.errors import handle_any, handle_disconnect, handle_http
 from semantic_server.api.guard import GuardMiddleware
 from semantic_server.api.request_id import RequestIdMiddleware
+from semantic_server.api.session_path import SessionPathMiddleware
 from semantic_server.blas import blas_status
 from semantic_server.cache.agent_store import AgentCacheStore
 from semantic_server.cache.block_pool import BlockPool
@@ -201,7 +202,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.add_middleware(ClientWatchMiddleware, send_timeout=settings.send_timeout_seconds)
     app.add_middleware(GuardMiddleware, bound_host=settings.host,
                        api_keys=[key.get_secret_value() for key in settings.api_keys])
-    app.add_middleware(RequestIdMiddleware)  # added last: the outermost, so ids reach logs
+    app.add_middleware(RequestIdMiddleware)  # added late: outer, so ids reach logs
+    app.add_middleware(SessionPathMiddleware)  # outermost: everything sees the plain path
     return app
 
 

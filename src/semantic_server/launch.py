@@ -11,12 +11,14 @@ agent with the arguments after ``--``. ``--config`` only writes (and prints what
 sets to start the agent by hand); ``--restore`` removes what it wrote.
 
 Each session's identity is the agent's own (Claude Code's session header, Codex's
-``session-id``, opencode's ``x-session-id``; Qwen Code sends none and shares the anonymous
-prefix cache), and every session of an agent shares its prefix (``api/identity.py``).
+``session-id``, opencode's ``x-session-id``; Qwen Code sends none, so its base URL names a
+session per working folder, ``/session/<id>/v1``), and every session of an agent shares its
+prefix (``api/identity.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -106,9 +108,18 @@ def _codex(target: Target) -> Setup:
                  {profile: toml})
 
 
+def project_session(agent: str) -> str:
+    """A session id for an agent that sends none: one per working folder, as its
+    ``--continue`` resumes the folder's latest conversation."""
+    digest = hashlib.blake2b(str(Path.cwd().resolve()).encode(), digest_size=8).hexdigest()
+    return f"{agent}-{digest}"
+
+
 def _qwen(target: Target) -> Setup:
-    env = {"OPENAI_BASE_URL": target.url + "/v1", "OPENAI_API_KEY": target.key,
-           "OPENAI_MODEL": target.model}
+    """Qwen Code sends no session and takes no headers: its session goes in the URL
+    (``api/session_path.py``)."""
+    env = {"OPENAI_BASE_URL": f"{target.url}/session/{project_session('qwen')}/v1",
+           "OPENAI_API_KEY": target.key, "OPENAI_MODEL": target.model}
     lines = "".join(f"export {name}={json.dumps(value)}\n" for name, value in env.items())
     return Setup(env, [], {config_dir() / "qwen.env": lines})
 

@@ -219,3 +219,16 @@ def test_agent_ids_never_leave_the_cache_folder(client, tmp_path):
     assert len(files) >= 5
     assert all(p.is_relative_to(caches) for p in files)
     assert all(p.name == "tag.json" or len(p.stem) == 32 for p in files)
+
+
+def test_a_session_named_in_the_url_keeps_an_agent_cache(client):
+    """/session/<id>/v1/... is /v1/... with that session (for clients such as Qwen Code
+    that send no identity); an id outside the alphabet is no route."""
+    url = "/session/qwen-1/v1/chat/completions"
+    first = client.post(url, json=CHAT).json()
+    again = client.post(url, json={**CHAT, "messages": [
+        *CHAT["messages"], first["choices"][0]["message"], {"role": "user", "content": "And?"}]})
+    assert again.status_code == 200
+    cached = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"]
+    assert client.post("/session/bad id/v1/chat/completions", json=CHAT).status_code == 404
