@@ -48,6 +48,12 @@ SESSIONS = {
              ["-p", FOLLOW_UP, "--continue", "--max-session-turns", "1"]),
     "opencode": (["run", *TASK.split()], ["run", "--continue", *FOLLOW_UP.split()]),
 }
+# Whether a continued session's first turn finds the first session cached. Qwen Code
+# rewrites its first turn when it resumes (it drops the date reminder it sent, about 200
+# characters before that turn's end), and Gemma's sliding-window layers cannot be cut back
+# to a point inside a cache (the warm-sessions issue): measured cold, and asserted so, so
+# that this test says when that changes.
+RESUMES_WARM = {"claude": True, "codex": True, "opencode": True, "qwen": False}
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +133,14 @@ def test_an_agent_runs_two_sessions_every_request_answered_and_warm(agents_serve
                                           "cached_tokens", "generated_tokens", "ttft_s")})
     assert one and two, "each session sent at least one request"
     assert all(record["status"] == 200 for record in one + two)
-    # the continued session resumes the first one's conversation from the cache (opencode
-    # also sends a title request of its own, another conversation: hence the largest)
+    # the continued session's first turn of the conversation (longer than any of the first
+    # session's: opencode's title requests are other, shorter conversations)
     longest = max(r["prompt_tokens"] for r in one if "prompt_tokens" in r)
-    assert max(r.get("cached_tokens", 0) for r in two) >= 0.9 * longest
+    resumed = next(r for r in two if r.get("prompt_tokens", 0) > longest)
+    if RESUMES_WARM[agent]:
+        assert resumed["cached_tokens"] >= 0.9 * longest
+    else:
+        assert resumed["cached_tokens"] < 0.1 * longest
     # and within a session, each later turn of a conversation finds the one before it cached
     for session in (one, two):
         turns: dict[str, list[dict]] = {}
