@@ -63,10 +63,13 @@ class Setup:
     files: dict[Path, str] = field(default_factory=dict)  # path -> content
 
     def write(self) -> None:
+        """Each file private to the user from its first byte (it may hold an API key)."""
         for path, content in self.files.items():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path.write_text(content)
-            path.chmod(0o600)  # it may hold an API key
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(content)
 
 
 def config_dir() -> Path:
@@ -160,9 +163,10 @@ def _get(url: str, path: str, key: str, timeout: float = 5.0) -> dict | None:
     try:
         response = httpx.get(url + path, timeout=timeout,
                              headers={"Authorization": f"Bearer {key}"})
-    except httpx.HTTPError:
+        data = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError):  # no server, or not this one
         return None
-    return response.json() if response.status_code == 200 else None
+    return data if isinstance(data, dict) else None
 
 
 def start_server(url: str, model: str | None) -> None:
@@ -257,14 +261,15 @@ def launch(agent_name: str, url: str | None, model: str | None, config_only: boo
            agent_args: list[str], settings: Settings) -> int:
     """Run (or with ``config_only`` only configure) the agent; returns its exit status."""
     agent = AGENTS[agent_name]
-    url = (url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6
+    url = (url or f"http://{host}:{settings.port}").rstrip("/")
     key = api_key(settings)
     command = None if config_only else find(agent)
     if _get(url, "/health", key) is None:
         start_server(url, model)
     listing = _get(url, "/v1/models", key)
     health = _get(url, "/health", key) or {}
-    if listing is None:
+    if listing is None or not isinstance(listing.get("data"), list):
         raise LaunchError(f"{url} did not list its models; is it a semantic-server?")
     chosen, context = pick_model(agent, listing["data"], health.get("model"), model)
     setup = agent.setup(Target(url, chosen, context, key))

@@ -151,3 +151,8 @@ def test_max_tokens_over_the_limit_is_served_up_to_it(make_client):
     chat = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32000}).json()
     assert chat["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_deeply_nested_user_id_is_not_a_500(client):
+    body = claude_code_body(metadata={"user_id": "[" * 100_000})
+    assert client.post("/v1/messages", json=body).status_code == 200

@@ -129,3 +129,18 @@ def test_a_cut_call_echoed_back_is_rendered_not_refused():
     turns = _turns("Be brief.", items)
     assert turns[2].calls[0].arguments == {"_unparsed": '{"cmd":"ca'}
     assert turns[3].role == "tool" and turns[3].name == "exec"
+
+
+def test_explicit_nulls_mean_the_defaults_and_odd_tool_names_stay_ascii(client):
+    reply = client.post("/v1/responses", json={
+        "input": "Hi", "temperature": None, "top_p": None, "stream": None, "store": None,
+        "parallel_tool_calls": None, "tools": [{"type": "web_search", "name": "r\u00e9seau"}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-tools-withheld"] == "r%C3%A9seau"
+
+
+def test_an_answer_cut_by_the_limit_is_an_incomplete_item(make_client):
+    body = make_client(max_tokens_limit=4).post("/v1/responses", json={"input": "Hi"}).json()
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["output"][-1]["status"] == "incomplete"

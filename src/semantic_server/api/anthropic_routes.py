@@ -227,7 +227,8 @@ async def messages(request: Request) -> Response:
         if chat.context_management is not None:
             reply["context_management"] = {"applied_edits": prepared.applied.edits}
         return JSONResponse(reply, headers=headers)
-    return StreamingResponse(_events(items, message_id, admitted, breakpoints),
+    applied = prepared.applied if chat.context_management is not None else None
+    return StreamingResponse(_events(items, message_id, admitted, breakpoints, applied),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **headers})
 
@@ -289,7 +290,7 @@ class _Blocks:
 
 async def _events(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
                   message_id: str, admitted: Admitted, breakpoints: bool,
-                  ) -> AsyncIterator[str]:
+                  applied: Applied | None = None) -> AsyncIterator[str]:
     yield _event("message_start", {"message": {
         "id": message_id, "type": "message", "role": "assistant", "model": admitted.model_id,
         "content": [], "stop_reason": None, "stop_sequence": None,
@@ -315,7 +316,9 @@ async def _events(items: AsyncIterator[Admitted | str | TokenLogprob | Outcome],
                 yield event
             yield _event("message_delta", {"delta": {
                 "stop_reason": _stop_reason(item, blocks.called),
-                "stop_sequence": item.stop_sequence}, "usage": _final_usage(item, breakpoints)})
+                "stop_sequence": item.stop_sequence}, "usage": _final_usage(item, breakpoints),
+                **({"context_management": {"applied_edits": applied.edits}}
+                   if applied is not None else {})})
     yield _event("message_stop", {})
 
 

@@ -70,7 +70,7 @@ def session_of_user_id(user_id: Any) -> str | None:
         return None
     try:
         parsed = json.loads(user_id)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         session = parsed.get("session_id")

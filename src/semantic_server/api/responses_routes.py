@@ -71,6 +71,9 @@ from semantic_server.errors import InvalidRequest, ResponseNotFound
 from semantic_server.request_outcome import FinishReason, Outcome
 
 ITEMS = TypeAdapter(list[InputItem])
+# A failed response's error.code is one of OpenAI's own (a closed set); ours map onto it.
+FAILED_CODES = {"context_length_exceeded": "invalid_prompt", "invalid_request": "invalid_prompt",
+                "queue_full": "rate_limit_exceeded", "agent_busy": "rate_limit_exceeded"}
 
 
 @dataclass
@@ -223,6 +226,8 @@ class Turn:
                  outcome: Outcome | None = None) -> dict[str, Any]:
         body = self.body
         incomplete = (outcome is not None and outcome.finish_reason is FinishReason.LENGTH)
+        if incomplete and output and output[-1]["type"] == "message":  # the item cut short
+            output = [*output[:-1], {**output[-1], "status": "incomplete"}]
         return {
             "id": self.response_id, "object": "response", "created_at": self.created,
             "status": "incomplete" if incomplete else status, "error": None,
@@ -407,7 +412,7 @@ async def _events(server: Any, turn: Turn,
                 yield events.event("error", code=error.get("code"),
                                    message=error.get("message"), param=error.get("param"))
                 failed = turn.response(events.model, "failed", events.output)
-                failed["error"] = {"code": error.get("code") or "server_error",
+                failed["error"] = {"code": FAILED_CODES.get(error.get("code"), "server_error"),
                                    "message": error.get("message")}
                 yield events.event("response.failed", response=failed)
                 return

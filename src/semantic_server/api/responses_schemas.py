@@ -19,6 +19,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -183,6 +184,13 @@ class ResponsesRequest(_Loose):
     max_tool_calls: int | None = None
     top_logprobs: int | None = None
     keep_alive: KeepAlive = None
+
+    @field_validator("temperature", "top_p", "stream", "store", "parallel_tool_calls",
+                     mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API takes an explicit null for these: it means the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("include")
     @classmethod

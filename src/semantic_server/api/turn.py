@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 
@@ -71,8 +72,11 @@ WITHHELD_HEADER = "X-Tools-Withheld"
 
 def withheld_header(names: list[str]) -> dict[str, str]:
     """The header that names the tools a request declared but the model was not offered
-    (hosted and server tools cannot run here: README, "Tools that cannot run here")."""
-    return {WITHHELD_HEADER: ",".join(names)} if names else {}
+    (hosted and server tools cannot run here: README, "Coding agents"); a name's characters
+    outside ASCII letters, digits and ``._:-`` are percent-encoded (a header is ASCII)."""
+    if not names:
+        return {}
+    return {WITHHELD_HEADER: ",".join(quote(name, safe="._:-") for name in names)}
 
 
 def openai_usage(outcome: Outcome) -> dict[str, Any]:

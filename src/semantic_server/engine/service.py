@@ -435,8 +435,8 @@ class GenerationService:
     def context_limit(self, config: dict[str, Any]) -> int:
         """A model's context: its own, capped by SEMANTIC_MAX_CONTEXT_TOKENS when set (a
         model whose config names none gets the cap, or 8,192)."""
-        own = config.get("max_position_embeddings") or config.get(
-            "text_config", {}).get("max_position_embeddings")
+        own = config.get("max_position_embeddings") or (
+            config.get("text_config") or {}).get("max_position_embeddings")
         limits = [int(n) for n in (own, self.max_context_tokens) if n]
         return min(limits) if limits else FALLBACK_CONTEXT_TOKENS
 
@@ -521,11 +521,12 @@ class GenerationService:
         rendered as a generation would render it; nothing runs on the engine."""
         model_id, _ = await self._named_adapter(model_id)
         self._check_exists(model_id)
-        with self.versions.pin(model_id) as loaded:
-            rendered = (await asyncio.to_thread(request, loaded.tokenizer) if callable(request)
-                        else Rendered(request))
-            ids = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
-                                          vocab_size(loaded), rendered.template_args)
+        async with self.gate.admit():  # held through a swap, which waits for it to end
+            with self.versions.pin(model_id) as loaded:
+                rendered = (await asyncio.to_thread(request, loaded.tokenizer)
+                            if callable(request) else Rendered(request))
+                ids = await asyncio.to_thread(tokenize, loaded.tokenizer, rendered.prompt,
+                                              vocab_size(loaded), rendered.template_args)
         return len(ids)
 
     async def _admitted(self, make_run: Callable[[], AsyncIterator[Any]],
