@@ -84,6 +84,11 @@ def _claude(target: Target) -> Setup:
            "ANTHROPIC_DEFAULT_HAIKU_MODEL": target.model,
            "ANTHROPIC_DEFAULT_SONNET_MODEL": target.model,
            "ANTHROPIC_DEFAULT_OPUS_MODEL": target.model,
+           "ANTHROPIC_DEFAULT_FABLE_MODEL": target.model, "ANTHROPIC_DEFAULT_MODEL": target.model,
+           "CLAUDE_CODE_SUBAGENT_MODEL": target.model,
+           "CLAUDE_CODE_WORKFLOW_SUBAGENT_MODEL": target.model,
+           "CLAUDE_CODE_AUTO_MODE_MODEL": target.model,
+           "CLAUDE_CODE_NO_MODEL_FALLBACK": "1",  # no Anthropic model as a fallback
            # its auto-compaction threshold is the context less the output it may ask for
            "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(target.context),
            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(OUTPUT_TOKENS),

@@ -156,3 +156,12 @@ def test_max_tokens_over_the_limit_is_served_up_to_it(make_client):
 def test_a_deeply_nested_user_id_is_not_a_500(client):
     body = claude_code_body(metadata={"user_id": "[" * 100_000})
     assert client.post("/v1/messages", json=body).status_code == 200
+
+
+def test_anthropic_model_names_run_on_the_serving_model(client):
+    """Claude Code names Anthropic's own models for some side requests: they run on the
+    serving model (and say so); any other unknown model is still a 404."""
+    reply = client.post("/v1/messages", json=claude_code_body(model="claude-haiku-4-5"))
+    assert reply.status_code == 200 and reply.json()["model"] == "fake-a"
+    other = client.post("/v1/messages", json=claude_code_body(model="gpt-nope"))
+    assert other.status_code == 404

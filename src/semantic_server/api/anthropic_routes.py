@@ -192,6 +192,16 @@ def _content(text: str, fmt: Any) -> list[dict[str, Any]]:
     return [{"type": "text", "text": answer.text or ""}]
 
 
+def model_of(server: Any, chat: MessagesRequest) -> str | None:
+    """The model a Messages request runs on: the one it names, except that a name of
+    Anthropic's own models (``claude-*``) that no resident model has means the serving
+    model. Claude Code names those for some side requests whatever its settings say."""
+    named = chat.model
+    if named is None or not named.startswith("claude-"):
+        return named
+    return named if server.versions.resident(named) is not None else None
+
+
 def _agent(request: Request, body: dict[str, Any], chat: MessagesRequest) -> str | None:
     user = chat.metadata.user_id if chat.metadata else None
     return agent_id_of(request, body, user_id=user, family_of=family(
@@ -209,7 +219,7 @@ async def messages(request: Request) -> Response:
                               sampling=SamplingParams(chat.temperature, chat.top_p),
                               stop=tuple(chat.stop_sequences or ()),
                               keep_alive=chat.keep_alive)
-    items = server.service.generate(agent, prepared.render, params, chat.model,
+    items = server.service.generate(agent, prepared.render, params, model_of(server, chat),
                                     request_id_of(request), tenant_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"
     admitted = await wait_admitted(items)
@@ -239,7 +249,7 @@ async def count_tokens(request: Request) -> Response:
     body = await read_json(request, server.settings.max_body_bytes)
     chat = CountTokensRequest.model_validate(body)
     prepared = prepare(chat)
-    tokens = await server.service.count_tokens(prepared.render, chat.model)
+    tokens = await server.service.count_tokens(prepared.render, model_of(server, chat))
     return JSONResponse({"input_tokens": tokens}, headers=withheld_header(prepared.withheld))
 
 
