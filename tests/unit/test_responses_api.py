@@ -144,3 +144,12 @@ def test_an_answer_cut_by_the_limit_is_an_incomplete_item(make_client):
     assert body["status"] == "incomplete"
     assert body["incomplete_details"] == {"reason": "max_output_tokens"}
     assert body["output"][-1]["status"] == "incomplete"
+
+
+def test_a_result_without_a_call_id_is_rendered_by_its_name():
+    """Codex resends results of its own with no call_id, named by name and namespace."""
+    items = ITEMS.validate_python([
+        {"role": "user", "content": "Go."},
+        {"type": "function_call_output", "name": "goal", "namespace": "agent", "output": "x"}])
+    turn = _turns(None, items)[1]
+    assert (turn.role, turn.name, turn.content) == ("tool", "agent.goal", "x")

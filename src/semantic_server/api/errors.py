@@ -120,7 +120,8 @@ def error_for_path(path: str, exc: Exception, request_id: str | None = None) -> 
         response = anthropic_shaped(response)
     log.info("request", extra={"fields": {
         "request_id": request_id, "path": path, "status": response.status_code,
-        "error": type(exc).__name__, "message": str(exc)[:200]}})
+        "error": type(exc).__name__,  # our own errors' messages; a body's text never
+        **({"message": str(exc)[:200]} if isinstance(exc, e.SemanticServerError) else {})}})
     return response
 
 

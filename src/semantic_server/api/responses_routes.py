@@ -131,7 +131,10 @@ def _turns(instructions: str | None, items: list[Any]) -> list[t.Turn]:
             calling = True
             continue
         calling = False
-        if isinstance(item, FunctionCallOutputItem):
+        if isinstance(item, FunctionCallOutputItem) and item.call_id is None:
+            name = f"{item.namespace}.{item.name}" if item.namespace else item.name
+            turns.append(t.Turn("tool", item.text(), call_id="", name=name or "tool"))
+        elif isinstance(item, FunctionCallOutputItem):
             if item.call_id not in names:
                 raise InvalidRequest(f"a function_call_output answers call_id "
                                      f"{item.call_id!r}, which no function_call made",

@@ -69,8 +69,13 @@ class FunctionCallItem(_Loose):
 
 
 class FunctionCallOutputItem(_Loose):
+    """A tool's result. Codex also sends results of its own with no ``call_id``, named by
+    ``name`` (and ``namespace``) instead: rendered as that tool's result."""
+
     type: Literal["function_call_output"]
-    call_id: str = Field(min_length=1)
+    call_id: str | None = Field(None, min_length=1)
+    name: str | None = None
+    namespace: str | None = None
     output: str | list[Content]
 
     def text(self) -> str:
