@@ -13,8 +13,8 @@ warm-sessions issue; Claude Code did so in one CI run.) Gemma 3 270M is a small 
 model: whether it calls the tool, answers, or goes on calling tools is its own choice, so
 a session ends when the agent exits or once the server has answered its share of requests
 (the agent is then stopped), and what it did is printed, not asserted;
-``SEMANTIC_MAX_TOKENS_LIMIT`` keeps each turn short (a turn cut there ends with the API's length reason, which the agents
-take in their stride). Nothing an agent sends is stored beyond the test's folders.
+``SEMANTIC_MAX_TOKENS_LIMIT`` keeps each turn short (a turn cut there ends with the API's
+length reason, which the agents take in their stride). Nothing an agent sends is stored beyond the test's folders.
 """
 
 from __future__ import annotations
