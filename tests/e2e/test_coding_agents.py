@@ -14,7 +14,8 @@ model: whether it calls the tool, answers, or goes on calling tools is its own c
 a session ends when the agent exits or once the server has answered its share of requests
 (the agent is then stopped), and what it did is printed, not asserted;
 ``SEMANTIC_MAX_TOKENS_LIMIT`` keeps each turn short (a turn cut there ends with the API's
-length reason, which the agents take in their stride). Nothing an agent sends is stored beyond the test's folders.
+length reason, which the agents take in their stride). Nothing an agent sends is stored
+beyond the test's folders.
 """
 
 from __future__ import annotations
