@@ -6,13 +6,15 @@ prompts): Claude Code (Messages API), Codex CLI (Responses API), Qwen Code and o
 Each agent runs two sessions in one working folder: a task that asks it to read a file it
 was given and answer, then the same conversation continued (each agent's own way of
 resuming). The server's log is the witness: every request the agent sent was answered
-2xx, and the continued session found the first session's prompt cached. (A later turn in
-one session is not checked pair by pair: when an agent rewrites its history inside the
-cached part, Gemma's sliding-window layers cannot be cut back to that point, the
-warm-sessions issue; Claude Code did so in one CI run.) Gemma 3 270M is a small base
-model: whether it calls the tool, answers, or goes on calling tools is its own choice, so
-a session ends when the agent exits or once the server has answered its share of requests
-(the agent is then stopped), and what it did is printed, not asserted;
+2xx. How much of each turn was cached is printed, not asserted: when an agent rewrites its
+history inside the cached part (Claude Code and Qwen Code do, depending on what the model
+answered), Gemma's sliding-window layers cannot be cut back to that point (the
+warm-sessions issue), so on Gemma it varies from run to run; the caching of continued
+conversations is asserted by the Responses, Messages and chat tests on SmolLM2.
+
+Gemma 3 270M is a small base model: whether it calls the tool, answers, or goes on calling
+tools is its own choice, so a session ends when the agent exits or once the server has
+answered its share of requests (the agent is then stopped), and what it did is printed.
 ``SEMANTIC_MAX_TOKENS_LIMIT`` keeps each turn short (a turn cut there ends with the API's
 length reason, which the agents take in their stride). Nothing an agent sends is stored
 beyond the test's folders.
@@ -50,12 +52,7 @@ SESSIONS = {
              ["-p", FOLLOW_UP, "--continue", "--max-session-turns", "1"]),
     "opencode": (["run", *TASK.split()], ["run", "--continue", *FOLLOW_UP.split()]),
 }
-# Whether a continued session's first turn finds the first session cached. Qwen Code
-# rewrites its first turn when it resumes (it drops the date reminder it sent, about 200
-# characters before that turn's end), and Gemma's sliding-window layers cannot be cut back
-# to a point inside a cache (the warm-sessions issue): measured cold, and asserted so, so
-# that this test says when that changes.
-RESUMES_WARM = {"claude": True, "codex": True, "opencode": True, "qwen": False}
+
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +132,11 @@ def test_an_agent_runs_two_sessions_every_request_answered_and_warm(agents_serve
                                           "cached_tokens", "generated_tokens", "ttft_s")})
     assert one and two, "each session sent at least one request"
     assert all(record["status"] == 200 for record in one + two)
-    # the continued session's first turn of the conversation (longer than any of the first
-    # session's: opencode's title requests are other, shorter conversations)
+    # How warm the continued session started is printed, not asserted: on Gemma it depends
+    # on whether the agent rewrote its history inside the cached part (its sliding-window
+    # layers cannot be cut back there: the warm-sessions issue). Measured, for one agent
+    # and another run: Claude Code 11,578 of 11,738 cached, then 512 of 11,644.
     longest = max(r["prompt_tokens"] for r in one if "prompt_tokens" in r)
-    resumed = next(r for r in two if r.get("prompt_tokens", 0) > longest)
-    if RESUMES_WARM[agent]:
-        assert resumed["cached_tokens"] >= 0.9 * longest
-    else:
-        assert resumed["cached_tokens"] < 0.1 * longest
+    resumed = [r for r in two if r.get("prompt_tokens", 0) > longest]
+    print(f"{agent}: continued session cached {resumed[0]['cached_tokens'] if resumed else None}"
+          f" of the first session's {longest} tokens")
